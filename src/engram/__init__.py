@@ -1,0 +1,19 @@
+"""engram: conditional memory for language models (hashed n-gram lookup, gated into the residual stream)."""
+
+from engram.config import EngramConfig
+from engram.hashing import CompressedTokenizer, EngramIndexer, NgramHasher, engram_table_sizes
+from engram.memory import Engram
+from engram.storage import DeviceTable, TableStorage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressedTokenizer",
+    "DeviceTable",
+    "Engram",
+    "EngramConfig",
+    "EngramIndexer",
+    "NgramHasher",
+    "TableStorage",
+    "engram_table_sizes",
+]

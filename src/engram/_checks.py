@@ -1,0 +1,60 @@
+"""Validation helpers shared by the public entry points.
+
+Bad input fails loudly with a message that names the value and what was expected; nothing is
+clamped or wrapped silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def as_id_tensor(ids: torch.Tensor, name: str, ndim: int | None = None) -> torch.Tensor:
+    """Check that ``ids`` is an integer tensor (optionally of rank ``ndim``) and return it as int64."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer ids, got {type(ids).__name__}")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}; convert with .long()")
+    if ndim is not None and ids.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(ids.shape)}")
+    return ids.long()
+
+
+def check_id_range(ids: torch.Tensor, low: int, high: int, name: str, hint: str = "") -> None:
+    """Raise if any id lies outside ``[low, high)``; the message names the offending extreme."""
+    if ids.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < low or hi >= high:
+        bad = lo if lo < low else hi
+        raise ValueError(f"{name} contains id {bad}, outside the valid range [{low}, {high}){hint}")
+
+
+def check_hashing_params(
+    layer_ids: Sequence[int],
+    max_ngram_size: int,
+    n_head_per_ngram: int,
+    engram_vocab_size: Sequence[int],
+) -> None:
+    """Validate the parameters that define the hash functions and table sizes."""
+    if len(layer_ids) == 0:
+        raise ValueError("layer_ids is empty: give at least one layer index, e.g. layer_ids=[1, 15]")
+    for lid in layer_ids:
+        if isinstance(lid, bool) or not isinstance(lid, int) or lid < 0:
+            raise ValueError(f"layer_ids must be non-negative integers, got {lid!r}")
+    if len(set(layer_ids)) != len(layer_ids):
+        raise ValueError(f"layer_ids must be distinct, got {list(layer_ids)}")
+    if isinstance(max_ngram_size, bool) or not isinstance(max_ngram_size, int) or max_ngram_size < 2:
+        raise ValueError(f"max_ngram_size must be an integer >= 2 (Engram has no unigrams), got {max_ngram_size!r}")
+    if isinstance(n_head_per_ngram, bool) or not isinstance(n_head_per_ngram, int) or n_head_per_ngram < 1:
+        raise ValueError(f"n_head_per_ngram must be an integer >= 1, got {n_head_per_ngram!r}")
+    if len(engram_vocab_size) != max_ngram_size - 1:
+        raise ValueError(
+            f"engram_vocab_size needs one base size per n-gram order 2..{max_ngram_size} "
+            f"({max_ngram_size - 1} values), got {len(engram_vocab_size)}: {list(engram_vocab_size)}"
+        )
+    for size in engram_vocab_size:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+            raise ValueError(f"engram_vocab_size entries must be integers >= 2, got {size!r}")

@@ -1,0 +1,106 @@
+"""Configuration of the Engram memory (hashing and layer), round-tripping to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from engram._checks import check_hashing_params
+
+GateActivation = Literal["signed_sqrt", "plain"]
+
+
+@dataclass
+class EngramConfig:
+    """Hyper-parameters of the Engram memory shared by all its layers.
+
+    Defaults follow DeepSeek's published demo (shared/ENGRAM.md 2.2).
+
+    Attributes:
+        layer_ids: backbone layers (0-based, taken literally) that get an Engram module.
+        max_ngram_size: N; suffix n-grams of orders 2..N are hashed.
+        n_head_per_ngram: K hash heads (tables) per order.
+        n_embed_per_ngram: width of one order's retrieved vector; each head contributes
+            ``n_embed_per_ngram // n_head_per_ngram`` dims. The memory width is
+            ``d_mem = (N-1) * n_embed_per_ngram``.
+        engram_vocab_size: base table size per order ``[S_2, ..., S_N]``; the actual sizes are
+            the next distinct primes above them.
+        pad_id: raw token id that fills positions before a sequence starts (compressed first).
+        seed: hash seed.
+        kernel_size: taps of the short causal convolution (dilated by N).
+        gate_activation: ``"signed_sqrt"`` applies sign(s)*sqrt(|s|) before the sigmoid (demo and
+            production models); ``"plain"`` is the paper's sigmoid(s).
+        conv_zero_init: zero-initialise the convolution so the module starts as pure gated lookup
+            (paper); ``False`` keeps PyTorch's default init (demo).
+        table_init_std: standard deviation of the normal init of the embedding tables.
+        gate_norm_eps: epsilon of the key/query RMSNorms; ``None`` means the dtype's machine
+            epsilon (PyTorch's RMSNorm default, as in the demo).
+        conv_norm_eps: epsilon of the RMSNorm in front of the convolution.
+    """
+
+    layer_ids: list[int] = field(default_factory=lambda: [1, 15])
+    max_ngram_size: int = 3
+    n_head_per_ngram: int = 8
+    n_embed_per_ngram: int = 512
+    engram_vocab_size: list[int] = field(default_factory=lambda: [129280 * 5, 129280 * 5])
+    pad_id: int = 2
+    seed: int = 0
+    kernel_size: int = 4
+    gate_activation: GateActivation = "signed_sqrt"
+    conv_zero_init: bool = True
+    table_init_std: float = 1.0
+    gate_norm_eps: float | None = None
+    conv_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        self.layer_ids = list(self.layer_ids)
+        self.engram_vocab_size = list(self.engram_vocab_size)
+        check_hashing_params(self.layer_ids, self.max_ngram_size, self.n_head_per_ngram, self.engram_vocab_size)
+        if self.n_embed_per_ngram < 1 or self.n_embed_per_ngram % self.n_head_per_ngram != 0:
+            raise ValueError(
+                f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be a positive multiple of n_head_per_ngram "
+                f"({self.n_head_per_ngram}) so that every head gets the same width"
+            )
+        if self.kernel_size < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
+        if self.gate_activation not in ("signed_sqrt", "plain"):
+            raise ValueError(f"gate_activation must be 'signed_sqrt' or 'plain', got {self.gate_activation!r}")
+        if self.pad_id < 0:
+            raise ValueError(f"pad_id must be a raw token id >= 0, got {self.pad_id}")
+        if self.table_init_std < 0:
+            raise ValueError(f"table_init_std must be >= 0, got {self.table_init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one head's table row."""
+        return self.n_embed_per_ngram // self.n_head_per_ngram
+
+    @property
+    def n_heads(self) -> int:
+        """Heads per layer, (N-1)*K."""
+        return (self.max_ngram_size - 1) * self.n_head_per_ngram
+
+    @property
+    def memory_dim(self) -> int:
+        """d_mem: width of the concatenated retrieved vector."""
+        return (self.max_ngram_size - 1) * self.n_embed_per_ngram
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngramConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown EngramConfig keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> EngramConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,177 @@
+"""The Engram layer: hashed n-gram lookup, context gate, short convolution (ENGRAM.md 1).
+
+Shapes: B batch, T positions, M residual branches, d hidden size, H = (N-1)*K heads,
+h = head width, d_mem = H*h.
+
+    e      = concat_heads(table[hash_ids + offsets])        (B, T, d_mem)
+    v      = W_V e                                           (B, T, d)      one projection for all branches
+    k^m    = W_K^m e                                         (B, T, M, d)
+    s^m    = <RMSNorm_q^m(h^m), RMSNorm_k^m(k^m)> / sqrt(d)  (B, T, M)
+    alpha  = sigmoid(sign(s) sqrt(|s|))  or sigmoid(s)       (B, T, M)
+    v~^m   = alpha^m v                                       (B, T, M, d)
+    Y      = v~ + SiLU(Conv1D(RMSNorm(v~)))                  (B, T, M, d)
+
+The layer returns Y; the block adds it to the residual stream before attention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engram._checks import as_id_tensor
+from engram.config import EngramConfig
+from engram.hashing.indexer import EngramIndexer
+from engram.hashing.primes import engram_table_sizes
+from engram.memory.conv import BranchRMSNorm, ShortConv
+from engram.storage.base import TableStorage
+from engram.storage.device import DeviceTable
+
+
+class Engram(nn.Module):
+    """Conditional memory for one backbone layer.
+
+    Args:
+        config: shared Engram hyper-parameters.
+        layer_id: which of ``config.layer_ids`` this module serves (selects its primes and hash).
+        hidden_size: d, the backbone's hidden size.
+        n_branches: M residual branches (hyper-connections); 1 for a plain residual stream.
+        indexer: optional ``EngramIndexer``; needed only to call ``forward`` with raw ``input_ids``.
+        storage: the table; defaults to a ``DeviceTable`` of ``sum(head sizes)`` rows of width
+            ``config.head_dim``. Any ``TableStorage`` of that shape works (host, disk, sharded).
+    """
+
+    def __init__(
+        self,
+        config: EngramConfig,
+        layer_id: int,
+        hidden_size: int,
+        n_branches: int = 1,
+        indexer: EngramIndexer | None = None,
+        storage: TableStorage | None = None,
+    ):
+        super().__init__()
+        if layer_id not in config.layer_ids:
+            raise ValueError(f"layer_id {layer_id} is not in config.layer_ids {config.layer_ids}")
+        if hidden_size < 1 or n_branches < 1:
+            raise ValueError(f"hidden_size and n_branches must be >= 1, got {hidden_size} and {n_branches}")
+        if indexer is not None and indexer.config != config:
+            raise ValueError("the indexer was built from a different EngramConfig than this layer")
+        self.config = config
+        self.layer_id = layer_id
+        self.hidden_size = hidden_size
+        self.n_branches = n_branches
+        self.indexer = indexer
+
+        sizes = engram_table_sizes(
+            config.layer_ids, config.max_ngram_size, config.n_head_per_ngram, config.engram_vocab_size
+        )[layer_id]
+        self.head_sizes = [p for order in sizes for p in order]
+        offsets = [0]
+        for size in self.head_sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        # Derived from the config, so not part of the state dict.
+        self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.register_buffer("head_size_tensor", torch.tensor(self.head_sizes, dtype=torch.long), persistent=False)
+
+        num_rows = sum(self.head_sizes)
+        if storage is None:
+            storage = DeviceTable(num_rows, config.head_dim, init_std=config.table_init_std)
+        elif (storage.num_rows, storage.dim) != (num_rows, config.head_dim):
+            raise ValueError(
+                f"storage has shape ({storage.num_rows}, {storage.dim}) but layer {layer_id} needs "
+                f"({num_rows}, {config.head_dim})"
+            )
+        self.table = storage
+
+        d_mem = config.memory_dim
+        self.value_proj = nn.Linear(d_mem, hidden_size)
+        self.key_proj = nn.Linear(d_mem, n_branches * hidden_size)  # W_K^m for all m, stacked
+        self.key_norm = BranchRMSNorm(n_branches, hidden_size, config.gate_norm_eps)
+        self.query_norm = BranchRMSNorm(n_branches, hidden_size, config.gate_norm_eps)
+        self.short_conv = ShortConv(
+            n_branches,
+            hidden_size,
+            kernel_size=config.kernel_size,
+            dilation=config.max_ngram_size,
+            norm_eps=config.conv_norm_eps,
+            zero_init=config.conv_zero_init,
+        )
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.head_sizes)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        hash_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The residual update Y.
+
+        Args:
+            hidden_states: (B, T, d), or (B, T, M, d) with M = ``n_branches``.
+            input_ids: (B, T) raw token ids (needs an ``indexer``), or
+            hash_ids: (B, T, H) precomputed per-head indices from ``NgramHasher.hash``.
+
+        Returns:
+            Y with the shape of ``hidden_states``.
+        """
+        hidden, squeeze = self._check_hidden(hidden_states)
+        hash_ids = self._resolve_hash_ids(hidden.shape[:2], input_ids, hash_ids)
+
+        memory = self.table.lookup(hash_ids + self.offsets).flatten(-2)  # (B, T, d_mem)
+        value = self.value_proj(memory)  # (B, T, d)
+        keys = self.key_proj(memory).unflatten(-1, (self.n_branches, self.hidden_size))  # (B, T, M, d)
+        score = (self.key_norm(keys) * self.query_norm(hidden)).sum(-1) / math.sqrt(self.hidden_size)
+        if self.config.gate_activation == "signed_sqrt":
+            score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
+        gate = torch.sigmoid(score).unsqueeze(-1)  # (B, T, M, 1)
+        gated = gate * value.unsqueeze(-2)  # (B, T, M, d)
+        out = gated + self.short_conv(gated)
+        return out.squeeze(-2) if squeeze else out
+
+    # -- validation -----------------------------------------------------------------------------
+    def _check_hidden(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
+            raise TypeError("hidden_states must be a floating-point tensor")
+        d, m = self.hidden_size, self.n_branches
+        shape = tuple(hidden_states.shape)
+        if hidden_states.dim() == 3 and m == 1 and shape[-1] == d:
+            return hidden_states.unsqueeze(-2), True
+        if hidden_states.dim() == 4 and shape[-2:] == (m, d):
+            return hidden_states, False
+        expected = f"(B, T, {m}, {d})" if m > 1 else f"(B, T, {d}) or (B, T, 1, {d})"
+        raise ValueError(f"hidden_states must have shape {expected}, got {shape}")
+
+    def _resolve_hash_ids(
+        self, batch_shape: torch.Size, input_ids: torch.Tensor | None, hash_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        if (input_ids is None) == (hash_ids is None):
+            raise ValueError("pass exactly one of input_ids (raw token ids) or hash_ids (precomputed indices)")
+        if input_ids is not None:
+            if self.indexer is None:
+                raise ValueError("forward(input_ids=...) needs an EngramIndexer: build the layer with indexer=...")
+            input_ids = as_id_tensor(input_ids, "input_ids", ndim=2)
+            if input_ids.shape != batch_shape:
+                raise ValueError(
+                    f"input_ids shape {tuple(input_ids.shape)} does not match hidden_states' (B, T) {tuple(batch_shape)}"
+                )
+            return self.indexer.hash_layer(input_ids, self.layer_id)
+        hash_ids = as_id_tensor(hash_ids, "hash_ids", ndim=3)
+        if hash_ids.shape != (*batch_shape, self.n_heads):
+            raise ValueError(
+                f"hash_ids must have shape (B, T, H) = ({batch_shape[0]}, {batch_shape[1]}, {self.n_heads}), "
+                f"got {tuple(hash_ids.shape)}"
+            )
+        sizes = self.head_size_tensor
+        if bool(((hash_ids < 0) | (hash_ids >= sizes)).any()):
+            bad = torch.nonzero((hash_ids < 0) | (hash_ids >= sizes))[0].tolist()
+            raise ValueError(
+                f"hash_ids{bad} = {int(hash_ids[tuple(bad)])} is outside head {bad[-1]}'s table "
+                f"[0, {self.head_sizes[bad[-1]]}); were the ids hashed for layer {self.layer_id} with this config?"
+            )
+        return hash_ids
