@@ -1,0 +1,16 @@
+"""Shared fixtures: the real DeepSeek-V3 tokenizer, compressed once per test session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engram import CompressedTokenizer
+
+torch.set_flush_denormal(True)
+
+
+@pytest.fixture(scope="session")
+def deepseek(tmp_path_factory) -> CompressedTokenizer:
+    """DeepSeek-V3 compression, built from scratch (private cache folder) once per session."""
+    return CompressedTokenizer(cache_dir=tmp_path_factory.mktemp("engram-cache"))
