@@ -16,9 +16,7 @@ import numpy as np
 
 # Unicode White_Space characters: what the Rust ``char::is_whitespace`` behind ``Strip`` removes.
 _WHITE_SPACE = (
-    "\t\n\x0b\x0c\r \x85\xa0\u1680"
-    + "".join(chr(c) for c in range(0x2000, 0x200B))
-    + "\u2028\u2029\u202f\u205f\u3000"
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(chr(c) for c in range(0x2000, 0x200B)) + "\u2028\u2029\u202f\u205f\u3000"
 )
 
 
@@ -39,7 +37,7 @@ def reference_compression(decoded: list[str], raw_tokens: list[str]) -> np.ndarr
     """Canonical id of every raw id, given each id's ``decode([id])`` and raw token string."""
     key_to_id: dict[str, int] = {}
     table = []
-    for text, raw in zip(decoded, raw_tokens):
+    for text, raw in zip(decoded, raw_tokens, strict=True):
         if "\ufffd" in text:
             key = raw
         else:

@@ -24,7 +24,7 @@ def as_id_tensor(ids: torch.Tensor, name: str, ndim: int | None = None) -> torch
 
 def check_id_range(ids: torch.Tensor, low: int, high: int, name: str, hint: str = "") -> None:
     """Raise if any id lies outside ``[low, high)``; the message names the offending extreme."""
-    if ids.numel() == 0:
+    if ids.numel() == 0 or ids.device.type == "meta":  # meta tensors carry shapes only
         return
     lo, hi = (int(v) for v in torch.aminmax(ids))
     if lo < low or hi >= high:

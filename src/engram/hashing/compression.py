@@ -99,11 +99,14 @@ class _TokenizerView:
     def decode_each(self) -> list[str]:
         """``decode([tid])`` for every id, special tokens kept."""
         singles = [[tid] for tid in range(self.vocab_size)]
-        return self.tokenizer.batch_decode(singles, skip_special_tokens=False) if self.is_hf_transformers \
+        return (
+            self.tokenizer.batch_decode(singles, skip_special_tokens=False)
+            if self.is_hf_transformers
             else self.tokenizer.decode_batch(singles, skip_special_tokens=False)
+        )
 
-    def decode_one(self, tid: int) -> str:
-        return self.tokenizer.decode([tid], skip_special_tokens=False)
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def raw_token(self, tid: int) -> str:
         if self.is_hf_transformers:
@@ -250,6 +253,10 @@ class CompressedTokenizer:
         """Raw ids of ``text`` (no special tokens added)."""
         return self._view.encode(text)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of raw ids, special tokens kept."""
+        return self._view.decode(ids)
+
     def raw_token(self, tid: int) -> str:
         """The tokenizer's own string for raw id ``tid`` (byte-level form)."""
         return self._view.raw_token(tid)
@@ -259,7 +266,7 @@ class CompressedTokenizer:
         if not 0 <= canonical_id < len(self):
             raise ValueError(f"canonical id {canonical_id} outside [0, {len(self)})")
         first_raw = int(np.argmax(self.lookup_table == canonical_id))
-        return _compression_key(self._view, self._normalizer, first_raw, self._view.decode_one(first_raw))
+        return _compression_key(self._view, self._normalizer, first_raw, self._view.decode([first_raw]))
 
     def merge_groups(self, top: int | None = None) -> list[tuple[int, list[int]]]:
         """Canonical ids that absorb more than one raw id, largest groups first.

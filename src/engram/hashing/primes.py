@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-# Miller-Rabin with these bases is exact for every n < 3.3e24, hence for all 64-bit integers.
+# Miller-Rabin with the first twelve primes as bases is exact for every n below this limit (the
+# smallest strong pseudoprime to all of them), which covers all 64-bit integers.
 _WITNESSES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+_EXACT_BELOW = 318_665_857_834_031_151_167_461
 
 
 def is_prime(n: int) -> bool:
-    """Exact primality test for integers below 3.3e24 (all 64-bit values)."""
+    """Exact primality test for integers below 3.18e23 (all 64-bit values)."""
+    if n >= _EXACT_BELOW:
+        raise ValueError(f"is_prime is exact only below {_EXACT_BELOW}, got {n}")
     if n < 2:
         return False
     for p in _WITNESSES:

@@ -33,6 +33,10 @@ class TableStorage(nn.Module, ABC):
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows for ``indices`` of any shape: (*indices.shape, dim); gradients flow to the table."""
 
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        """``lookup(indices)``, so that module hooks see table reads."""
+        return self.lookup(indices)
+
     @abstractmethod
     def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """A copy of ``rows`` (U,) as (U, dim), outside autograd."""
