@@ -1,0 +1,156 @@
+"""Configuration of the reference decoder: one dataclass, round-tripping to JSON.
+
+Dense, MoE and Engram+MoE models are one field away from each other: ``moe=None`` gives dense
+SwiGLU FFNs, a ``MoEConfig`` gives DeepSeek-style MoE FFNs (after ``n_dense_layers`` dense ones),
+and an ``EngramConfig`` adds Engram modules at its ``layer_ids``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from engram.config import EngramConfig
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(known)}")
+    return cls(**data)
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeek-style mixture of experts: shared experts plus fine-grained routed experts.
+
+    Attributes:
+        n_routed_experts: routed experts per MoE layer.
+        n_shared_experts: experts every token passes through.
+        top_k: routed experts per token.
+        expert_hidden: hidden width of each expert's SwiGLU.
+        score_func: router scores; ``"sigmoid"`` (DeepSeek-V3, weights renormalised over the top-k)
+            or ``"softmax"``.
+        bias_update_rate: step of the loss-free balancing bias (gamma): after each optimizer step an
+            expert's selection bias moves by ``+gamma`` if it got fewer tokens than average, else ``-gamma``.
+        aux_loss_weight: weight of the optional auxiliary balance loss (0 disables it).
+        route_scale: factor on the routed experts' combined output.
+    """
+
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    top_k: int = 2
+    expert_hidden: int = 256
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    bias_update_rate: float = 1e-3
+    aux_loss_weight: float = 0.0
+    route_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.n_routed_experts < 1 or not 1 <= self.top_k <= self.n_routed_experts:
+            raise ValueError(
+                f"need n_routed_experts >= 1 and 1 <= top_k <= n_routed_experts, got "
+                f"{self.n_routed_experts} experts and top_k={self.top_k}"
+            )
+        if self.n_shared_experts < 0 or self.expert_hidden < 1:
+            raise ValueError("n_shared_experts must be >= 0 and expert_hidden >= 1")
+        if self.score_func not in ("sigmoid", "softmax"):
+            raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+        if self.bias_update_rate < 0 or self.aux_loss_weight < 0:
+            raise ValueError("bias_update_rate and aux_loss_weight must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The reference decoder.
+
+    Attributes:
+        vocab_size: output (and input embedding) vocabulary.
+        d_model: hidden size d.
+        n_layers: Transformer blocks.
+        n_heads: attention heads (``d_model`` must divide by it; head size even for RoPE).
+        ffn_hidden: hidden width of the dense SwiGLU FFNs.
+        moe: MoE FFNs if set, dense otherwise.
+        n_dense_layers: with ``moe``, the first blocks keep a dense FFN (DeepSeek keeps one).
+        n_branches: residual branches M; 1 is a plain residual stream, M > 1 uses
+            hyper-connections.
+        engram: Engram modules at ``engram.layer_ids`` (0-based block indices) if set.
+        max_seq_len: longest sequence (RoPE table size).
+        rope_theta: RoPE base.
+        tie_embeddings: share the input embedding and the LM head.
+        norm_eps: RMSNorm epsilon of the backbone.
+        init_std: standard deviation of the linear and embedding initialisation.
+    """
+
+    vocab_size: int
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 688
+    moe: MoEConfig | None = None
+    n_dense_layers: int = 0
+    n_branches: int = 1
+    engram: EngramConfig | None = None
+    max_seq_len: int = 1024
+    rope_theta: float = 10_000.0
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = _from_dict(MoEConfig, self.moe)
+        if isinstance(self.engram, dict):
+            self.engram = EngramConfig.from_dict(self.engram)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "n_branches", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size for RoPE"
+            )
+        if not 0 <= self.n_dense_layers <= self.n_layers:
+            raise ValueError(f"n_dense_layers must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
+        if self.engram is not None:
+            outside = [i for i in self.engram.layer_ids if i >= self.n_layers]
+            if outside:
+                raise ValueError(
+                    f"engram.layer_ids {outside} do not exist in a {self.n_layers}-layer model (ids are 0-based)"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def uses_moe(self, layer: int) -> bool:
+        """Whether block ``layer`` has an MoE FFN."""
+        return self.moe is not None and layer >= self.n_dense_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """Read a config file, naming the file in any error."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            return cls.from_json(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc

@@ -1,0 +1,174 @@
+"""The reference decoder: embedding, pre-norm blocks (Engram, attention, FFN or MoE), LM head.
+
+A block at an Engram layer adds the Engram update to the residual stream before attention, as in
+the paper:
+
+    h <- h + Engram(h, hash_ids)       (every branch)
+    h <- h + Attention(RMSNorm(h))
+    h <- h + FFN_or_MoE(RMSNorm(h))
+
+With M > 1 residual branches the two sublayer residuals are hyper-connections. Shapes: B batch,
+T positions, d width, M branches, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engram._checks import as_id_tensor, check_id_range
+from engram.hashing.indexer import EngramIndexer
+from engram.memory.layer import Engram
+from engram.model.config import ModelConfig
+from engram.model.hyper import HyperConnection
+from engram.model.layers import CausalSelfAttention, Rotary, SwiGLU
+from engram.model.moe import MoE
+from engram.storage.device import DeviceTable
+
+
+@dataclass
+class LMOutput:
+    """logits (B, T, V); loss: mean next-token cross-entropy if targets were given; aux_loss: MoE balance loss."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class Block(nn.Module):
+    """One Transformer block, with an optional Engram module in front."""
+
+    def __init__(self, config: ModelConfig, index: int, rotary: Rotary, sparse_table_grad: bool):
+        super().__init__()
+        d, branches = config.d_model, config.n_branches
+        self.engram: Engram | None = None
+        if config.engram is not None and index in config.engram.layer_ids:
+            engram = Engram(config.engram, index, d, branches)  # builds the default table once
+            table = DeviceTable(engram.table.num_rows, engram.table.dim, sparse_grad=sparse_table_grad)
+            table.load_state_dict(engram.table.state_dict())
+            engram.table = table
+            self.engram = engram
+        self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.attn = CausalSelfAttention(d, config.n_heads, rotary)
+        self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.ffn = MoE(d, config.moe) if config.uses_moe(index) else SwiGLU(d, config.ffn_hidden)
+        self.attn_hc = HyperConnection(branches, 2 * index) if branches > 1 else None
+        self.ffn_hc = HyperConnection(branches, 2 * index + 1) if branches > 1 else None
+
+    def forward(self, h: torch.Tensor, hash_ids: torch.Tensor | None) -> torch.Tensor:
+        """h: (B, T, d) or (B, T, M, d); ``hash_ids`` None skips the Engram module."""
+        if self.engram is not None and hash_ids is not None:
+            h = h + self.engram(h, hash_ids=hash_ids)
+        h = self._residual(h, self.attn_hc, lambda x: self.attn(self.attn_norm(x)))
+        return self._residual(h, self.ffn_hc, lambda x: self.ffn(self.ffn_norm(x)))
+
+    @staticmethod
+    def _residual(h: torch.Tensor, hyper: HyperConnection | None, sublayer) -> torch.Tensor:
+        return h + sublayer(h) if hyper is None else hyper(h, sublayer)
+
+
+class EngramLM(nn.Module):
+    """Decoder-only language model; dense, MoE or Engram+MoE depending on ``config``.
+
+    Args:
+        config: the architecture.
+        indexer: computes Engram row indices from ``input_ids`` when ``forward`` is not given
+            ``hash_ids`` (the input ids must then be the indexer's tokenizer ids).
+        sparse_table_grad: Engram tables produce sparse gradients (for sparse row optimizers).
+    """
+
+    def __init__(self, config: ModelConfig, indexer: EngramIndexer | None = None, sparse_table_grad: bool = True):
+        super().__init__()
+        if indexer is not None and indexer.config != config.engram:
+            raise ValueError("the indexer was built from a different EngramConfig than config.engram")
+        self.config = config
+        self.indexer = indexer
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        rotary = Rotary(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.blocks = nn.ModuleList(Block(config, i, rotary, sparse_table_grad) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._init_backbone()
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def _init_backbone(self) -> None:
+        """Normal(0, init_std) for backbone weights; residual output projections scaled by 1/sqrt(2L).
+
+        Engram modules keep their own initialisation (table std, zero conv).
+        """
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if ".engram" in name or not isinstance(module, (nn.Linear, nn.Embedding)):
+                continue
+            is_output = name.endswith((".attn.out", ".down"))
+            nn.init.normal_(module.weight, std=out_std if is_output else std)
+
+    # -- structure ----------------------------------------------------------------------------------
+    def engram_layers(self) -> dict[int, Engram]:
+        """The Engram modules by layer index."""
+        return {i: block.engram for i, block in enumerate(self.blocks) if block.engram is not None}
+
+    def moe_layers(self) -> list[MoE]:
+        return [module for module in self.modules() if isinstance(module, MoE)]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """One loss-free balancing step for every MoE layer (call after each optimizer step)."""
+        for moe in self.moe_layers():
+            moe.update_bias()
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        hash_ids: dict[int, torch.Tensor] | None = None,
+        engram_enabled: bool = True,
+    ) -> LMOutput:
+        """Logits (and loss) for ``input_ids`` (B, T).
+
+        Args:
+            input_ids: (B, T) ids in ``[0, vocab_size)``.
+            targets: optional (B, T) next-token ids; -100 marks positions without a target.
+            hash_ids: precomputed Engram row indices ``{layer: (B, T, H)}``; computed with the
+                indexer when omitted.
+            engram_enabled: False zeroes every Engram module's output (the sensitivity analysis).
+        """
+        input_ids = as_id_tensor(input_ids, "input_ids", ndim=2)
+        check_id_range(
+            input_ids, 0, self.config.vocab_size, "input_ids", f" of the model's {self.config.vocab_size} ids"
+        )
+        engrams = self.engram_layers() if engram_enabled else {}
+        if engrams and hash_ids is None:
+            if self.indexer is None:
+                raise ValueError("this model has Engram layers: pass hash_ids or build it with indexer=...")
+            hash_ids = self.indexer(input_ids)
+        missing = sorted(set(engrams) - set(hash_ids or {}))
+        if missing:
+            raise ValueError(f"hash_ids lacks Engram layers {missing}")
+
+        h = self.embed(input_ids)  # (B, T, d)
+        if self.config.n_branches > 1:
+            h = h.unsqueeze(2).expand(-1, -1, self.config.n_branches, -1)  # (B, T, M, d)
+        for i, block in enumerate(self.blocks):
+            h = block(h, hash_ids[i] if i in engrams else None)
+        if self.config.n_branches > 1:
+            h = h.sum(dim=2)
+        logits = self.head(self.norm(h))
+
+        loss = None
+        if targets is not None:
+            targets = as_id_tensor(targets, "targets", ndim=2)
+            if targets.shape != input_ids.shape:
+                raise ValueError(
+                    f"targets shape {tuple(targets.shape)} differs from input_ids {tuple(input_ids.shape)}"
+                )
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        aux = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
+        return LMOutput(logits, loss, torch.stack(aux).sum() if aux else None)

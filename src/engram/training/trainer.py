@@ -1,0 +1,253 @@
+"""The training loop: parameter groups, schedules, clipping, metrics, checkpoints and exact resume.
+
+Engram tables get a sparse Adam (``SparseRowAdam``) that updates only the rows a batch looked up, so
+a step's optimizer cost does not grow with table size; every other parameter gets AdamW (or Muon
+for the hidden matrices). The data order depends only on (seed, step), and a checkpoint holds the
+weights, every optimizer's state, the random generators and the step, so a resumed run reproduces
+the losses of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from engram.data.batches import RandomWindows
+from engram.eval.evaluate import evaluate
+from engram.model.lm import EngramLM
+from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.training.config import TrainConfig, lr_factor
+from engram.training.metrics import MetricsLog, plot_losses
+from engram.training.sparse_adam import SparseRowAdam
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def table_parameters(model: EngramLM) -> list[nn.Parameter]:
+    """The Engram table weights (updated by the sparse optimizer)."""
+    return [engram.table.weight for engram in model.engram_layers().values()]
+
+
+def build_optimizers(model: EngramLM, config: TrainConfig) -> dict[str, torch.optim.Optimizer]:
+    """``{"tables": SparseRowAdam, "adamw": AdamW, "muon": Muon}`` (only the groups that have parameters).
+
+    Weight decay applies to matrices, not to norms, biases or hyper-connection weights. The
+    embedding and LM head stay on AdamW with Muon, as do all vectors.
+    """
+    tables = {id(p) for p in table_parameters(model)}
+    embedding = {id(model.embed.weight), id(model.head.weight)}
+    muon, decay, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if id(param) in tables:
+            continue
+        matrix = param.dim() == 2 and not name.endswith(("a_res",))
+        if config.optimizer == "muon" and matrix and id(param) not in embedding:
+            muon.append(param)
+        elif matrix:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    if tables:
+        optimizers["tables"] = SparseRowAdam(
+            table_parameters(model),
+            lr=config.lr * config.table_lr_mult,
+            betas=config.table_betas,
+            weight_decay=config.table_weight_decay,
+        )
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizers["adamw"] = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
+    if muon:
+        optimizers["muon"] = torch.optim.Muon(muon, lr=config.lr, weight_decay=config.weight_decay)
+    for optimizer in optimizers.values():
+        for group in optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+class Trainer:
+    """Trains an ``EngramLM`` on a token array.
+
+    Args:
+        model: the model (on any device; moved to ``config.device``).
+        config: training hyper-parameters.
+        train_tokens: 1-D array of training token ids.
+        val_tokens: optional held-out token ids for evaluation.
+        out_dir: where metrics, plots and checkpoints go (None keeps nothing on disk).
+        byte_lengths: optional (V,) UTF-8 bytes per id, for bits per byte.
+        run_info: JSON-able facts stored with every checkpoint (e.g. the tokenizer fingerprint).
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        model: EngramLM,
+        config: TrainConfig,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray | None = None,
+        out_dir: str | Path | None = None,
+        byte_lengths: np.ndarray | None = None,
+        run_info: dict[str, Any] | None = None,
+        progress: bool = True,
+    ):
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)  # denormals slow the LM head's backward 10-30x on CPU
+        self.model = model.to(self.device)
+        self.config = config
+        self.batches = RandomWindows(train_tokens, config.batch_size, config.seq_len, seed=config.seed)
+        self.val_tokens = val_tokens
+        self.byte_lengths = byte_lengths
+        self.run_info = run_info or {}
+        self.progress = progress
+        self.optimizers = build_optimizers(model, config)
+        tables = {id(p) for p in table_parameters(model)}
+        self.dense_params = [p for p in model.parameters() if id(p) not in tables]
+        self.step = 0
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl") if self.out_dir is not None else None
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _set_lr(self) -> float:
+        factor = lr_factor(self.config, self.step)
+        for optimizer in self.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+        return self.config.lr * factor
+
+    def train_step(self) -> float:
+        """One optimizer step on batch ``self.step``; returns the language-model loss."""
+        self.model.train()
+        inputs, targets = (t.to(self.device) for t in self.batches.batch(self.step))
+        with self._autocast():
+            out = self.model(inputs, targets=targets)
+        loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.grad_clip)
+        self._set_lr()
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+        self.model.update_router_biases()
+        self.step += 1
+        return out.loss.item()
+
+    def train(self, until: int | None = None) -> list[float]:
+        """Train from the current step up to ``until`` (default: ``config.steps``); returns the step losses."""
+        until = self.config.steps if until is None else min(until, self.config.steps)
+        losses: list[float] = []
+        tokens_per_step = self.config.batch_size * self.config.seq_len
+        bar = tqdm(
+            total=self.config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
+        )
+        window_start, window_steps = time.perf_counter(), 0
+        with bar:
+            while self.step < until:
+                loss = self.train_step()
+                losses.append(loss)
+                window_steps += 1
+                bar.update(1)
+                elapsed = time.perf_counter() - window_start
+                speed = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}")
+                if self._due(self.config.log_every) or self.step == until:
+                    self._log(
+                        {
+                            "step": self.step,
+                            "loss": loss,
+                            "lr": self.config.lr * lr_factor(self.config, self.step - 1),
+                            "tokens_per_s": speed,
+                        }
+                    )
+                    window_start, window_steps = time.perf_counter(), 0
+                if self._due(self.config.eval_every) and self.val_tokens is not None:
+                    self._log({"step": self.step, **self.evaluate()})
+                if self._due(self.config.checkpoint_every) and self.out_dir is not None:
+                    self.save()
+        if self.out_dir is not None and self.metrics is not None:
+            plot_losses(self.metrics.read(), self.out_dir / "loss.png")
+        return losses
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Validation loss (and bits per byte) with Engram on and, if the model has Engram, off."""
+        if self.val_tokens is None:
+            raise ValueError("no validation tokens were given to the Trainer")
+        kwargs = dict(
+            batch_size=self.config.batch_size,
+            seq_len=self.config.seq_len,
+            max_batches=max_batches or self.config.eval_batches or None,
+            byte_lengths=self.byte_lengths,
+        )
+        with self._autocast():
+            on = evaluate(self.model, self.val_tokens, **kwargs)
+            result = {"val_loss": on.loss}
+            if on.bits_per_byte is not None:
+                result["val_bpb"] = on.bits_per_byte
+            if self.model.engram_layers():
+                result["val_loss_engram_off"] = evaluate(
+                    self.model, self.val_tokens, engram_enabled=False, **kwargs
+                ).loss
+        return result
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write a checkpoint of the current step under ``out_dir/checkpoints``."""
+        if self.out_dir is None:
+            raise ValueError("the Trainer has no out_dir to save into")
+        return save_checkpoint(
+            self.out_dir / "checkpoints",
+            self.step,
+            self.model,
+            self.optimizers,
+            train_config=self.config,
+            run_info=self.run_info,
+        )
+
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint in ``out_dir``; False if there is none."""
+        if self.out_dir is None:
+            return False
+        path = latest_checkpoint(self.out_dir / "checkpoints")
+        if path is None:
+            return False
+        self.step = load_checkpoint(path, self.model, self.optimizers, run_info=self.run_info)
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.step)
+        return True
