@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from engram import EngramConfig, NgramHasher
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _engram(*args: str, cache=None) -> subprocess.CompletedProcess:
@@ -18,7 +21,7 @@ def _engram(*args: str, cache=None) -> subprocess.CompletedProcess:
 
         env = {**os.environ, "ENGRAM_CACHE_DIR": str(cache)}
     return subprocess.run(
-        [sys.executable, "-m", "engram.cli.main", *args], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-m", "engram.cli.main", *args], capture_output=True, text=True, env=env, timeout=120, cwd=REPO
     )
 
 
@@ -90,3 +93,43 @@ def test_inspect_rejects_a_config_with_unknown_keys(tmp_path):
 def test_help_and_missing_command():
     assert "inspect" in _engram("--help").stdout
     assert _engram().returncode == 2
+
+
+def test_params_counts_and_allocates(tmp_path):
+    from engram.model import ModelConfig
+    from engram.model.accounting import allocate, estimate_parameters
+
+    result = _engram("params", "--config", "configs/moe-small.json")
+    assert result.returncode == 0, result.stderr
+    counts = estimate_parameters(ModelConfig.load(REPO / "configs" / "moe-small.json"))
+    assert f"total (excl. embedding, head)     {counts.total:>18,}" in result.stdout
+    assert f"active per token                  {counts.active:>18,}" in result.stdout
+
+    out = tmp_path / "engram.json"
+    result = _engram(
+        "params",
+        "--config",
+        "configs/moe-small.json",
+        "--rho",
+        "0.8",
+        "--engram",
+        "configs/engram-layers.json",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    written = ModelConfig.load(out)
+    expected = allocate(
+        ModelConfig.load(REPO / "configs" / "moe-small.json"),
+        0.8,
+        EngramConfig.from_json((REPO / "configs" / "engram-layers.json").read_text()),
+    )
+    assert written == expected.engram
+    assert f"total mismatch {100 * expected.total_mismatch:+.3f}%" in result.stdout
+
+    missing = _engram("params", "--config", "configs/moe-small.json", "--rho", "0.8")
+    assert missing.returncode == 2 and "--rho needs --engram" in missing.stderr
+    dense = _engram(
+        "params", "--config", "configs/dense-small.json", "--rho", "0.5", "--engram", "configs/engram-layers.json"
+    )
+    assert dense.returncode == 2 and "pure MoE" in dense.stderr

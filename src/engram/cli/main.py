@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from engram.cli import inspect as inspect_cmd
+from engram.cli import params as params_cmd
 
 EXIT_USAGE = 2
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect_cmd.add_parser(commands)
+    params_cmd.add_parser(commands)
     return parser
 
 

@@ -52,19 +52,20 @@ def table_parameters(model: EngramLM) -> list[nn.Parameter]:
 def build_optimizers(model: EngramLM, config: TrainConfig) -> dict[str, torch.optim.Optimizer]:
     """``{"tables": SparseRowAdam, "adamw": AdamW, "muon": Muon}`` (only the groups that have parameters).
 
-    Weight decay applies to matrices, not to norms, biases or hyper-connection weights. The
-    embedding and LM head stay on AdamW with Muon, as do all vectors.
+    Weight decay applies to the weights of linear and embedding layers, not to norms, biases,
+    convolutions or hyper-connection weights. With Muon, the hidden linear weights move to Muon
+    and the embedding, LM head and everything else stay on AdamW.
     """
     tables = {id(p) for p in table_parameters(model)}
-    embedding = {id(model.embed.weight), id(model.head.weight)}
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    vocabulary = {id(model.embed.weight), id(model.head.weight)}
     muon, decay, no_decay = [], [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if id(param) in tables:
             continue
-        matrix = param.dim() == 2 and not name.endswith(("a_res",))
-        if config.optimizer == "muon" and matrix and id(param) not in embedding:
+        if config.optimizer == "muon" and id(param) in matrices and id(param) not in vocabulary:
             muon.append(param)
-        elif matrix:
+        elif id(param) in matrices:
             decay.append(param)
         else:
             no_decay.append(param)
@@ -79,7 +80,9 @@ def build_optimizers(model: EngramLM, config: TrainConfig) -> dict[str, torch.op
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizers["adamw"] = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
     if muon:
-        optimizers["muon"] = torch.optim.Muon(muon, lr=config.lr, weight_decay=config.weight_decay)
+        optimizers["muon"] = torch.optim.Muon(
+            muon, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw"
+        )
     for optimizer in optimizers.values():
         for group in optimizer.param_groups:
             group["base_lr"] = group["lr"]
