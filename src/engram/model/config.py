@@ -34,10 +34,13 @@ class MoEConfig:
         top_k: routed experts per token.
         expert_hidden: hidden width of each expert's SwiGLU.
         score_func: router scores; ``"sigmoid"`` (DeepSeek-V3, weights renormalised over the top-k)
-            or ``"softmax"``.
+            or ``"softmax"``. With sigmoid and ``top_k=1`` the renormalised weight is always 1, so
+            the router learns only through the auxiliary loss.
         bias_update_rate: step of the loss-free balancing bias (gamma): after each optimizer step an
-            expert's selection bias moves by ``+gamma`` if it got fewer tokens than average, else ``-gamma``.
-        aux_loss_weight: weight of the optional auxiliary balance loss (0 disables it).
+            expert's selection bias moves by ``+gamma`` if it got fewer tokens than the average,
+            ``-gamma`` if more, and stays at exactly the average.
+        aux_loss_weight: weight of the optional auxiliary balance loss (0 disables it), computed over
+            all tokens of the batch.
         route_scale: factor on the routed experts' combined output.
     """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from engram.model.config import MoEConfig
 from engram.model.layers import SwiGLU
@@ -33,7 +34,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])  # (N, d)
-        logits = self.router(tokens).float()  # (N, E)
+        logits = self._route(tokens)  # (N, E), at least float32
         scores = logits.sigmoid() if self.config.score_func == "sigmoid" else logits.softmax(dim=-1)
         chosen = torch.topk(scores + self.expert_bias, self.config.top_k, dim=-1).indices  # (N, k)
         weights = scores.gather(-1, chosen)
@@ -58,6 +59,13 @@ class MoE(nn.Module):
             self.load += counts.to(self.load.dtype)
         self.aux_loss = self._balance_loss(scores, counts) if self.config.aux_loss_weight > 0 else None
         return out.reshape(shape)
+
+    def _route(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Router logits in at least float32, outside autocast: under bf16 a few percent of tokens
+        would pick other experts, and score errors would exceed the balancing step."""
+        dtype = torch.promote_types(tokens.dtype, torch.float32)
+        with torch.autocast(tokens.device.type, enabled=False):
+            return F.linear(tokens.to(dtype), self.router.weight.to(dtype))
 
     def _balance_loss(self, scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3's balance loss: weight * E * sum_i f_i * P_i (f: share of assignments, P: mean score)."""
