@@ -15,8 +15,9 @@ allocation); medians are reported.
    (n_embed_per_ngram 64, 4 heads per order, N=3, pad id = the tokenizer's ``<pad>``, 0). Both
    configs' total and active parameters (``estimate_parameters``, embedding and LM head excluded)
    and the allocation's mismatches are printed. Both models train from the same seed on the same
-   batches (``--batch`` x ``--seq-len``) with the default ``TrainConfig`` recipe, and the whole
-   ``trainer.train_step()`` is timed: forward, backward, clipping, every optimizer, router biases.
+   batches (``--batch`` x ``--seq-len``) with the default ``TrainConfig`` recipe (but a 10-step
+   learning-rate warmup, the run being short), and the whole ``trainer.train_step()`` is timed:
+   forward, backward, clipping, every optimizer, router biases.
    The Engram model gets an ``EngramIndexer`` (``EngramLM(..., indexer=...)``), so tokenizer
    compression and n-gram hashing run inside each step and are part of its cost (the indexer call
    alone is timed too). The final training losses are printed for context only: a few dozen steps
@@ -32,8 +33,8 @@ Run from the repository root::
     python benchmarks/bench_training.py --markdown  # markdown for docs/benchmarks.md
     python benchmarks/bench_training.py --profile 5 # also torch.profiler's top ops of both models
 
-Takes about a minute and a half on a 2-core machine with the defaults. Exits 0 whether or not the
-targets are met; the output says which are.
+Takes about a minute on a 2-core machine with the defaults (more with --profile). Exits 0 whether
+or not the targets are met; the output says which are.
 """
 
 from __future__ import annotations
@@ -260,6 +261,19 @@ def bench_table_scale(
     return small, large, larger
 
 
+def unique_rows(run: Run, steps: range) -> float:
+    """Median number of distinct table rows a batch touches (the rows SparseRowAdam updates), over ``steps``."""
+    model = run.trainer.model
+    counts = []
+    for step in steps:
+        inputs, _ = run.trainer.batches.batch(step)
+        hash_ids = model.indexer(inputs)
+        counts.append(
+            sum(torch.unique(hash_ids[lid] + layer.offsets).numel() for lid, layer in model.engram_layers().items())
+        )
+    return statistics.median(counts)
+
+
 # -- report -------------------------------------------------------------------------------------------
 
 
@@ -382,6 +396,8 @@ def table_scale_lines(small: Run, large: Run, larger: ModelConfig, args: argpars
     smaller = small.trainer.model.config
     table_med = {run.name: median_after(run.table_times, args.warmup) for run in (small, large)}
     step_med = {run.name: median_after(run.step_times, args.warmup) for run in (small, large)}
+    timed = range(args.warmup, args.warmup + args.table_steps)
+    touched = {run.name: unique_rows(run, timed) for run in (small, large)}
     body = []
     for run, config in ((small, smaller), (large, larger)):
         body.append(
@@ -389,6 +405,7 @@ def table_scale_lines(small: Run, large: Run, larger: ModelConfig, args: argpars
                 run.name,
                 str(config.engram.engram_vocab_size),
                 f"{table_rows(config):,}",
+                f"{touched[run.name]:,.0f}",
                 f"{table_mb(config):.1f}",
                 f"{table_mb(config, with_adam=True):.1f}",
                 f"{table_med[run.name] * 1e3:.3f}",
@@ -398,18 +415,21 @@ def table_scale_lines(small: Run, large: Run, larger: ModelConfig, args: argpars
         )
     table_ratio = table_med[large.name] / table_med[small.name]
     step_ratio = step_med[large.name] / step_med[small.name]
+    per_row = {name: table_med[name] / touched[name] * 1e9 for name in table_med}
     lookups = tokens * smaller.engram.n_heads * len(smaller.engram.layer_ids)
     return [
         f"The Engram model of part 1 and the same model with {args.table_scale}x the table base sizes; "
         f"`optimizers['tables'].step()` (SparseRowAdam) timed alone inside each train_step. A batch reads "
-        f"{lookups:,} table rows (with repeats). MiB are float32; 'with Adam' adds both moments and the int64 "
-        f"per-row step count.",
+        f"{lookups:,} table rows with repeats; 'rows touched' counts the distinct ones (median over the timed "
+        "batches), the rows the optimizer updates: a larger table has fewer hash collisions. MiB are float32; "
+        "'with Adam' adds both moments and the int64 per-row step count.",
         "",
         *format_table(
             [
                 "table",
                 "base sizes",
                 "rows",
+                "rows touched/batch",
                 "table MiB",
                 "with Adam MiB",
                 "median ms/table step",
@@ -420,7 +440,10 @@ def table_scale_lines(small: Run, large: Run, larger: ModelConfig, args: argpars
             md,
         ),
         "",
-        f"Ratio {args.table_scale}x / 1x: table optimizer step {table_ratio:.3f}x, whole train_step {step_ratio:.3f}x.",
+        f"Ratio {args.table_scale}x / 1x: table optimizer step {table_ratio:.3f}x, whole train_step {step_ratio:.3f}x; "
+        f"rows touched {touched[large.name] / touched[small.name]:.3f}x; table optimizer time per touched row "
+        f"{per_row[small.name]:.0f} ns vs {per_row[large.name]:.0f} ns "
+        f"({per_row[large.name] / per_row[small.name]:.3f}x).",
         "",
         f"**Target (a {args.table_scale}x larger table changes the table optimizer's step time by less than "
         f"{TABLE_STEP_TARGET:.0%}): {met(abs(table_ratio - 1) < TABLE_STEP_TARGET)} ({table_ratio - 1:+.1%}; "

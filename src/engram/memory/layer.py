@@ -65,10 +65,7 @@ class Engram(nn.Module):
         self.n_branches = n_branches
         self.indexer = indexer
 
-        sizes = engram_table_sizes(
-            config.layer_ids, config.max_ngram_size, config.n_head_per_ngram, config.engram_vocab_size
-        )[layer_id]
-        self.head_sizes = [p for order in sizes for p in order]
+        self.head_sizes = self.table_head_sizes(config, layer_id)
         offsets = [0]
         for size in self.head_sizes[:-1]:
             offsets.append(offsets[-1] + size)
@@ -76,13 +73,12 @@ class Engram(nn.Module):
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
         self.register_buffer("head_size_tensor", torch.tensor(self.head_sizes, dtype=torch.long), persistent=False)
 
-        num_rows = sum(self.head_sizes)
+        num_rows, dim = self.table_shape(config, layer_id)
         if storage is None:
-            storage = DeviceTable(num_rows, config.head_dim, init_std=config.table_init_std)
-        elif (storage.num_rows, storage.dim) != (num_rows, config.head_dim):
+            storage = DeviceTable(num_rows, dim, init_std=config.table_init_std)
+        elif (storage.num_rows, storage.dim) != (num_rows, dim):
             raise ValueError(
-                f"storage has shape ({storage.num_rows}, {storage.dim}) but layer {layer_id} needs "
-                f"({num_rows}, {config.head_dim})"
+                f"storage has shape ({storage.num_rows}, {storage.dim}) but layer {layer_id} needs ({num_rows}, {dim})"
             )
         self.table = storage
 
@@ -99,6 +95,19 @@ class Engram(nn.Module):
             norm_eps=config.conv_norm_eps,
             zero_init=config.conv_zero_init,
         )
+
+    @staticmethod
+    def table_head_sizes(config: EngramConfig, layer_id: int) -> list[int]:
+        """Rows of each head's table for ``layer_id``, in hash-output order (the primes)."""
+        sizes = engram_table_sizes(
+            config.layer_ids, config.max_ngram_size, config.n_head_per_ngram, config.engram_vocab_size
+        )[layer_id]
+        return [p for order in sizes for p in order]
+
+    @classmethod
+    def table_shape(cls, config: EngramConfig, layer_id: int) -> tuple[int, int]:
+        """(rows, width) of the table a layer needs: for building a storage before the layer."""
+        return sum(cls.table_head_sizes(config, layer_id)), config.head_dim
 
     @property
     def n_heads(self) -> int:

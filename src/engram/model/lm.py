@@ -47,11 +47,9 @@ class Block(nn.Module):
         d, branches = config.d_model, config.n_branches
         self.engram: Engram | None = None
         if config.engram is not None and index in config.engram.layer_ids:
-            engram = Engram(config.engram, index, d, branches)  # builds the default table once
-            table = DeviceTable(engram.table.num_rows, engram.table.dim, sparse_grad=sparse_table_grad)
-            table.load_state_dict(engram.table.state_dict())
-            engram.table = table
-            self.engram = engram
+            rows, dim = Engram.table_shape(config.engram, index)
+            table = DeviceTable(rows, dim, init_std=config.engram.table_init_std, sparse_grad=sparse_table_grad)
+            self.engram = Engram(config.engram, index, d, branches, storage=table)
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.attn = CausalSelfAttention(d, config.n_heads, rotary)
         self.ffn_norm = nn.RMSNorm(d, eps=config.norm_eps)
@@ -97,17 +95,21 @@ class EngramLM(nn.Module):
             self.head.weight = self.embed.weight
 
     def _init_backbone(self) -> None:
-        """Normal(0, init_std) for backbone weights; residual output projections scaled by 1/sqrt(2L).
+        """Normal(0, init_std) for every linear and embedding weight (Engram's projections included),
+        with the projections that write into the residual stream scaled by 1/sqrt(2L).
 
-        Engram modules keep their own initialisation (table std, zero conv).
+        Without this, the Engram value projection keeps PyTorch's default init and its update starts
+        an order of magnitude larger than the residual stream it is added to. The Engram tables
+        (``table_init_std``) and the zero-initialised convolution keep their own init.
         """
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
-            if ".engram" in name or not isinstance(module, (nn.Linear, nn.Embedding)):
-                continue
-            is_output = name.endswith((".attn.out", ".down"))
-            nn.init.normal_(module.weight, std=out_std if is_output else std)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_output = name.endswith((".attn.out", ".down", ".value_proj"))
+                nn.init.normal_(module.weight, std=out_std if is_output else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
 
     # -- structure ----------------------------------------------------------------------------------
     def engram_layers(self) -> dict[int, Engram]:

@@ -99,7 +99,8 @@ class Trainer:
         val_tokens: optional held-out token ids for evaluation.
         out_dir: where metrics, plots and checkpoints go (None keeps nothing on disk).
         byte_lengths: optional (V,) UTF-8 bytes per id, for bits per byte.
-        run_info: JSON-able facts stored with every checkpoint (e.g. the tokenizer fingerprint).
+        run_info: JSON-able facts stored with every checkpoint and checked on resume; the
+            fingerprint of the model's tokenizer is recorded as ``"tokenizer"`` automatically.
         progress: show a progress bar.
     """
 
@@ -124,7 +125,10 @@ class Trainer:
         self.batches = RandomWindows(train_tokens, config.batch_size, config.seq_len, seed=config.seed)
         self.val_tokens = val_tokens
         self.byte_lengths = byte_lengths
-        self.run_info = run_info or {}
+        self.run_info = {}
+        if model.indexer is not None and model.indexer.compressor.fingerprint is not None:
+            self.run_info["tokenizer"] = model.indexer.compressor.fingerprint
+        self.run_info.update(run_info or {})
         self.progress = progress
         self.optimizers = build_optimizers(model, config)
         tables = {id(p) for p in table_parameters(model)}
