@@ -26,9 +26,6 @@ Exits non-zero if the library's and the reference's table sizes, multipliers or 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -39,11 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import engram
 from engram import Engram, EngramConfig, NgramHasher
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root, for tests.reference
 from tests.reference import reference_hash, reference_multipliers, reference_table_sizes
+
+from _report import environment_lines, format_table
 
 COMPRESSED_VOCAB = 98_627  # DeepSeek-V3 tokenizer after compression (shared/ENGRAM.md 2.1)
 MAX_NGRAM = 3
@@ -206,16 +204,6 @@ def bench_layer(n_branches: int, batch: int, seq: int, rounds: int, warmup: int)
 # -- report -----------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def hashing_table(rows: list[Row], markdown: bool) -> list[str]:
     """Rows with a last column: throughput relative to the NumPy reference (the last row)."""
     reference = rows[-1]
@@ -227,34 +215,8 @@ def row_cells(row: Row) -> list[str]:
     return [row.name, f"{row.seconds * 1e3:.2f}", f"{row.tokens_per_s:,.0f}"]
 
 
-def format_table(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return lines + ["| " + " | ".join(cells) + " |" for cells in body]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(cells) for cells in body]
-
-
-def environment_lines(args: argparse.Namespace, markdown: bool) -> list[str]:
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
-    items = [
-        ("command", f"`{command}`" if markdown else command),
-        ("engram", engram.__version__),
-        ("torch", torch.__version__),
-        ("numpy", np.__version__),
-        ("python", platform.python_version()),
-        ("CPU", cpu_model()),
-        ("cores", str(os.cpu_count())),
-        ("torch threads", str(torch.get_num_threads())),
-        ("rounds", f"{args.rounds} timed after {args.warmup} warmup, interleaved; medians"),
-    ]
-    return [f"- {k}: {v}" if markdown else f"{k + ':':15} {v}" for k, v in items]
+def run_facts(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [("rounds", f"{args.rounds} timed after {args.warmup} warmup, interleaved; medians")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -287,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         layouts.append(f"M={n_branches}: {layout}")
 
     cfg = LAYER_CONFIG
-    out = [heading("Environment"), "", *environment_lines(args, md), ""]
+    out = [heading("Environment"), "", *environment_lines(run_facts(args), md), ""]
     out += [
         heading(f"Hashing, {args.batch} x {args.seq} tokens, layer {HASHED_LAYER}, {args.threads} thread(s)"),
         "",

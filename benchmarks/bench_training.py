@@ -41,9 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -53,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import engram
 from engram import CompressedTokenizer, EngramConfig, EngramIndexer
 from engram.hashing.primes import engram_table_sizes
 from engram.model import EngramLM, ModelConfig, MoEConfig
@@ -62,6 +58,8 @@ from engram.training import TrainConfig, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root, for tests.corpus
 from tests.corpus import sonnets_tokenizer, sonnets_tokens
+
+from _report import environment_lines, format_table
 
 BASE = ModelConfig(
     vocab_size=1024,
@@ -277,41 +275,8 @@ def unique_rows(run: Run, steps: range) -> float:
 # -- report -------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def format_table(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return lines + ["| " + " | ".join(cells) + " |" for cells in body]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return [fmt(header), "  ".join("-" * w for w in widths)] + [fmt(cells) for cells in body]
-
-
-def environment_lines(args: argparse.Namespace, markdown: bool, elapsed: float) -> list[str]:
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
-    items = [
-        ("command", f"`{command}`" if markdown else command),
-        ("engram", engram.__version__),
-        ("torch", torch.__version__),
-        ("numpy", np.__version__),
-        ("python", platform.python_version()),
-        ("CPU", cpu_model()),
-        ("cores", str(os.cpu_count())),
-        ("torch threads", str(torch.get_num_threads())),
+def run_facts(args: argparse.Namespace, elapsed: float) -> list[tuple[str, str]]:
+    return [
         (
             "steps",
             f"{args.steps} (part 1) and {args.table_steps} (part 2) timed per model after {args.warmup} warmup, "
@@ -320,7 +285,6 @@ def environment_lines(args: argparse.Namespace, markdown: bool, elapsed: float) 
         ("batch", f"{args.batch} x {args.seq_len} tokens, seed {args.seed}"),
         ("wall time", f"{elapsed:.0f} s (setup, both parts{', profile' if args.profile else ''})"),
     ]
-    return [f"- {k}: {v}" if markdown else f"{k + ':':15} {v}" for k, v in items]
 
 
 def met(ok: bool) -> str:
@@ -490,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - start
 
     where = f"{args.batch} x {args.seq_len} tokens/step, {args.threads} thread(s)"
-    out = [heading("Environment"), "", *environment_lines(args, md, elapsed), ""]
+    out = [heading("Environment"), "", *environment_lines(run_facts(args, elapsed), md), ""]
     out += [heading(f"Training throughput, Engram vs iso-parameter MoE, {where}"), ""]
     out += [*throughput_lines(part1, args, md), ""]
     for name, table in profiles:

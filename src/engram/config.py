@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engram._checks import check_hashing_params
+from engram._checks import check_hashing_params, dataclass_from_dict
 
 GateActivation = Literal["signed_sqrt", "plain"]
 
@@ -92,11 +92,7 @@ class EngramConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngramConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown EngramConfig keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
