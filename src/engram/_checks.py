@@ -6,13 +6,9 @@ clamped or wrapped silently.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from typing import Any, TypeVar
 
 import torch
-
-T = TypeVar("T")
 
 
 def as_id_tensor(ids: torch.Tensor, name: str, ndim: int | None = None) -> torch.Tensor:
@@ -62,14 +58,3 @@ def check_hashing_params(
     for size in engram_vocab_size:
         if isinstance(size, bool) or not isinstance(size, int) or size < 2:
             raise ValueError(f"engram_vocab_size entries must be integers >= 2, got {size!r}")
-
-
-def dataclass_from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build a config dataclass from a dict, naming unknown keys instead of ignoring them."""
-    if not isinstance(data, dict):
-        raise TypeError(f"{cls.__name__} must be given a JSON object, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys {unknown}; valid keys are {sorted(known)}")
-    return cls(**data)

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from engram._checks import check_hashing_params, dataclass_from_dict
+from engram._checks import check_hashing_params
+from engram._json_config import JsonConfig
 
 GateActivation = Literal["signed_sqrt", "plain"]
 
 
 @dataclass
-class EngramConfig:
+class EngramConfig(JsonConfig):
     """Hyper-parameters of the Engram memory shared by all its layers.
 
     Defaults follow DeepSeek's published demo (shared/ENGRAM.md 2.2).
@@ -86,17 +85,3 @@ class EngramConfig:
     def memory_dim(self) -> int:
         """d_mem: width of the concatenated retrieved vector."""
         return (self.max_ngram_size - 1) * self.n_embed_per_ngram
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EngramConfig:
-        return dataclass_from_dict(cls, data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> EngramConfig:
-        return cls.from_dict(json.loads(text))

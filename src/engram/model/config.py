@@ -7,18 +7,15 @@ and an ``EngramConfig`` adds Engram modules at its ``layer_ids``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from engram._checks import dataclass_from_dict
+from engram._json_config import JsonConfig
 from engram.config import EngramConfig
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(JsonConfig):
     """DeepSeek-style mixture of experts: shared experts plus fine-grained routed experts.
 
     Attributes:
@@ -61,7 +58,7 @@ class MoEConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """The reference decoder.
 
     Attributes:
@@ -99,7 +96,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):
-            self.moe = dataclass_from_dict(MoEConfig, self.moe)
+            self.moe = MoEConfig.from_dict(self.moe)
         if isinstance(self.engram, dict):
             self.engram = EngramConfig.from_dict(self.engram)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "n_branches", "max_seq_len"):
@@ -125,28 +122,3 @@ class ModelConfig:
     def uses_moe(self, layer: int) -> bool:
         """Whether block ``layer`` has an MoE FFN."""
         return self.moe is not None and layer >= self.n_dense_layers
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return dataclass_from_dict(cls, data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        return cls.from_dict(json.loads(text))
-
-    @classmethod
-    def load(cls, path: str | Path) -> ModelConfig:
-        """Read a config file, naming the file in any error."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            return cls.from_json(path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from exc

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from engram._checks import dataclass_from_dict
+from engram._json_config import JsonConfig
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(JsonConfig):
     """How to train.
 
     The defaults follow the paper's recipe where it states one: backbone weight decay 0.1, Engram
@@ -75,16 +73,6 @@ class TrainConfig:
         for name in ("warmup_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return dataclass_from_dict(cls, data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:
