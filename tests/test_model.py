@@ -126,3 +126,32 @@ def test_config_round_trip_and_validation(tmp_path):
         MoEConfig(n_routed_experts=2, top_k=3)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ModelConfig.load(tmp_path / "missing.json")
+
+
+def test_trimmed_vocabulary_maps_tokenizer_ids_and_hashes_the_full_ids(indexer):
+    """Embedding and head cover only the kept ids (+ unknown); Engram still hashes the tokenizer's ids."""
+    kept = torch.tensor([5, 17, 99, 1000, 3, 250])
+    config = dataclasses.replace(VARIANTS["engram_moe"], vocab_size=7, input_vocab_size=1024)
+    torch.manual_seed(0)
+    model = EngramLM(config, indexer=indexer)
+    model.set_vocabulary(kept)
+    ids = torch.tensor([[5, 17, 42, 1000, 3, 250]])  # 42 is not kept
+    assert model.to_model_ids(ids).tolist() == [[1, 2, 0, 4, 5, 6]]
+    assert model.to_tokenizer_ids(torch.tensor([0, 1, 6])).tolist() == [-1, 5, 250]
+    assert model.to_model_ids(torch.tensor([[-100, 99]])).tolist() == [[-100, 3]]
+    out = model(ids, targets=ids)
+    assert out.logits.shape == (1, 6, 7)
+    expected = torch.nn.functional.cross_entropy(out.logits[0].float(), torch.tensor([1, 2, 0, 4, 5, 6]))
+    torch.testing.assert_close(out.loss, expected)
+    # Engram reads rows hashed from the tokenizer ids, not from the model ids.
+    engram = model.blocks[1].engram
+    engram.record_gates = True
+    with torch.no_grad():
+        model(ids)
+        gate_raw = engram.last_gate.clone()
+        model(ids, hash_ids={1: indexer(model.to_model_ids(ids))[1]})
+    assert not torch.equal(engram.last_gate, gate_raw)
+    with pytest.raises(ValueError, match="distinct tokenizer ids"):
+        model.set_vocabulary(torch.tensor([1, 1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError, match="smaller than the trimmed vocabulary"):
+        dataclasses.replace(config, input_vocab_size=3)

@@ -87,6 +87,9 @@ class Engram(nn.Module):
         self.key_proj = nn.Linear(d_mem, n_branches * hidden_size)  # W_K^m for all m, stacked
         self.key_norm = BranchRMSNorm(n_branches, hidden_size, config.gate_norm_eps)
         self.query_norm = BranchRMSNorm(n_branches, hidden_size, config.gate_norm_eps)
+        # Set record_gates to keep each forward's gate values (B, T, M) in last_gate (analysis, plots).
+        self.record_gates = False
+        self.last_gate: torch.Tensor | None = None
         self.short_conv = ShortConv(
             n_branches,
             hidden_size,
@@ -139,6 +142,8 @@ class Engram(nn.Module):
         if self.config.gate_activation == "signed_sqrt":
             score = score.sign() * score.abs().clamp_min(1e-6).sqrt()
         gate = torch.sigmoid(score).unsqueeze(-1)  # (B, T, M, 1)
+        if self.record_gates:
+            self.last_gate = gate.squeeze(-1).detach()
         gated = gate * value.unsqueeze(-2)  # (B, T, M, d)
         out = gated + self.short_conv(gated)
         return out.squeeze(-2) if squeeze else out

@@ -63,6 +63,8 @@ class ModelConfig(JsonConfig):
 
     Attributes:
         vocab_size: output (and input embedding) vocabulary.
+        input_vocab_size: tokenizer ids the model accepts when its vocabulary is trimmed (model id 0
+            stands for every id outside the trimmed set); ``None``: model ids are tokenizer ids.
         d_model: hidden size d.
         n_layers: Transformer blocks.
         n_heads: attention heads (``d_model`` must divide by it; head size even for RoPE).
@@ -80,6 +82,7 @@ class ModelConfig(JsonConfig):
     """
 
     vocab_size: int
+    input_vocab_size: int | None = None
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -102,6 +105,11 @@ class ModelConfig(JsonConfig):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "n_branches", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.input_vocab_size is not None and self.input_vocab_size < self.vocab_size - 1:
+            raise ValueError(
+                f"input_vocab_size ({self.input_vocab_size}) is smaller than the trimmed vocabulary it maps into "
+                f"({self.vocab_size - 1} ids plus the unknown id)"
+            )
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size for RoPE"

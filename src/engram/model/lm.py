@@ -93,6 +93,35 @@ class EngramLM(nn.Module):
         self._init_backbone()
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        if config.input_vocab_size is not None:
+            # Trimmed vocabulary: tokenizer id -> model id (0 = unknown) and back (-1 for unknown).
+            self.register_buffer("token_map", torch.zeros(config.input_vocab_size, dtype=torch.long))
+            self.register_buffer("output_ids", torch.full((config.vocab_size,), -1, dtype=torch.long))
+
+    @torch.no_grad()
+    def set_vocabulary(self, kept_ids: torch.Tensor) -> None:
+        """Trim the vocabulary to ``kept_ids`` (the tokenizer ids of model ids 1, 2, ...; id 0 is unknown)."""
+        if self.config.input_vocab_size is None:
+            raise ValueError("set_vocabulary needs a model built with input_vocab_size (a trimmed vocabulary)")
+        kept_ids = as_id_tensor(kept_ids, "kept_ids", ndim=1)
+        if kept_ids.numel() != self.config.vocab_size - 1 or kept_ids.unique().numel() != kept_ids.numel():
+            raise ValueError(f"kept_ids must hold vocab_size - 1 = {self.config.vocab_size - 1} distinct tokenizer ids")
+        check_id_range(kept_ids, 0, self.config.input_vocab_size, "kept_ids")
+        device = self.token_map.device
+        self.token_map.zero_()
+        self.token_map[kept_ids.to(device)] = torch.arange(1, self.config.vocab_size, device=device)
+        self.output_ids.fill_(-1)
+        self.output_ids[1:] = kept_ids.to(device)
+
+    def to_model_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokenizer ids -> model ids (identity without a trimmed vocabulary; -100 stays -100)."""
+        if self.config.input_vocab_size is None:
+            return ids
+        return torch.where(ids == -100, ids, self.token_map[ids.clamp(min=0)])
+
+    def to_tokenizer_ids(self, model_ids: torch.Tensor) -> torch.Tensor:
+        """Model ids (e.g. sampled tokens) -> tokenizer ids; the unknown id maps to -1."""
+        return model_ids if self.config.input_vocab_size is None else self.output_ids[model_ids]
 
     def _init_backbone(self) -> None:
         """Normal(0, init_std) for every linear and embedding weight (Engram's projections included),
@@ -133,19 +162,19 @@ class EngramLM(nn.Module):
         hash_ids: dict[int, torch.Tensor] | None = None,
         engram_enabled: bool = True,
     ) -> LMOutput:
-        """Logits (and loss) for ``input_ids`` (B, T).
+        """Logits over model ids (and loss) for ``input_ids`` (B, T).
 
         Args:
-            input_ids: (B, T) ids in ``[0, vocab_size)``.
-            targets: optional (B, T) next-token ids; -100 marks positions without a target.
+            input_ids: (B, T) tokenizer ids in ``[0, input_vocab_size or vocab_size)``; Engram hashes
+                these, the embedding reads their model ids.
+            targets: optional (B, T) next tokenizer ids; -100 marks positions without a target.
             hash_ids: precomputed Engram row indices ``{layer: (B, T, H)}``; computed with the
                 indexer when omitted.
             engram_enabled: False zeroes every Engram module's output (the sensitivity analysis).
         """
         input_ids = as_id_tensor(input_ids, "input_ids", ndim=2)
-        check_id_range(
-            input_ids, 0, self.config.vocab_size, "input_ids", f" of the model's {self.config.vocab_size} ids"
-        )
+        n_ids = self.config.input_vocab_size or self.config.vocab_size
+        check_id_range(input_ids, 0, n_ids, "input_ids", f" of the model's {n_ids} ids")
         engrams = self.engram_layers() if engram_enabled else {}
         if engrams and hash_ids is None:
             if self.indexer is None:
@@ -155,7 +184,7 @@ class EngramLM(nn.Module):
         if missing:
             raise ValueError(f"hash_ids lacks Engram layers {missing}")
 
-        h = self.embed(input_ids)  # (B, T, d)
+        h = self.embed(self.to_model_ids(input_ids))  # (B, T, d)
         if self.config.n_branches > 1:
             h = h.unsqueeze(2).expand(-1, -1, self.config.n_branches, -1)  # (B, T, M, d)
         for i, block in enumerate(self.blocks):
@@ -171,6 +200,7 @@ class EngramLM(nn.Module):
                 raise ValueError(
                     f"targets shape {tuple(targets.shape)} differs from input_ids {tuple(input_ids.shape)}"
                 )
+            targets = self.to_model_ids(targets)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         aux = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
         return LMOutput(logits, loss, torch.stack(aux).sum() if aux else None)
