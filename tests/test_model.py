@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -155,3 +156,23 @@ def test_trimmed_vocabulary_maps_tokenizer_ids_and_hashes_the_full_ids(indexer):
         model.set_vocabulary(torch.tensor([1, 1, 2, 3, 4, 5]))
     with pytest.raises(ValueError, match="smaller than the trimmed vocabulary"):
         dataclasses.replace(config, input_vocab_size=3)
+
+
+def test_evaluation_of_a_trimmed_vocabulary_model_matches_its_loss(indexer):
+    from engram.eval import evaluate
+
+    train, _ = sonnets_tokens()
+    kept = torch.from_numpy(np.unique(train[:3000]).astype("int64"))
+    config = dataclasses.replace(VARIANTS["engram_moe"], vocab_size=len(kept) + 1, input_vocab_size=1024)
+    torch.manual_seed(0)
+    model = EngramLM(config, indexer=indexer).eval()
+    model.set_vocabulary(kept)
+    tokens = train[: 2 * 32 + 1]
+    result = evaluate(model, tokens, batch_size=2, seq_len=32)
+    windows = torch.from_numpy(tokens[:65].astype("int64"))
+    inputs = torch.stack([windows[:32], windows[32:64]])
+    targets = torch.stack([windows[1:33], windows[33:65]])
+    with torch.no_grad():
+        expected = model(inputs, targets=targets).loss.item()
+    assert result.tokens == 64
+    assert result.loss == pytest.approx(expected, rel=1e-6)

@@ -9,8 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from engram.cli import inspect as inspect_cmd
-from engram.cli import params as params_cmd
+from engram.cli import data, demo, evaluate, generate, inspect, params, train
+
+# In workflow order: what `engram --help` lists.
+COMMANDS = (data, train, evaluate, generate, inspect, params, demo)
 
 EXIT_USAGE = 2
 
@@ -21,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Conditional memory for language models: hashed n-gram lookup tables (Engram).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    inspect_cmd.add_parser(commands)
-    params_cmd.add_parser(commands)
+    for command in COMMANDS:
+        command.add_parser(commands)
     return parser
 
 

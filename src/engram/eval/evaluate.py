@@ -63,7 +63,8 @@ def evaluate(
     try:
         for inputs, targets in sequential_windows(tokens, batch_size, seq_len, max_batches):
             logits = model(inputs.to(device), engram_enabled=engram_enabled).logits
-            nats += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
+            model_targets = model.to_model_ids(targets.to(device)).flatten()  # trimmed vocabularies
+            nats += F.cross_entropy(logits.float().flatten(0, 1), model_targets, reduction="sum").item()
             count += targets.numel()
             if byte_lengths is not None:
                 n_bytes += int(byte_lengths[targets.numpy()].sum())

@@ -51,3 +51,23 @@ class EngramIndexer:
     def hash_layer(self, input_ids: torch.Tensor, layer_id: int) -> torch.Tensor:
         """Row indices of one layer for raw ids (B, T)."""
         return self.hasher.hash(self.compressor(input_ids), layer_id)
+
+    def hash_step(
+        self, input_ids: torch.Tensor, history: torch.Tensor | None = None
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Row indices of every layer for positions that continue a sequence (decoding).
+
+        Args:
+            input_ids: (B, t) raw ids of the new positions.
+            history: (B, N-1) canonical ids of the positions before them, as returned by the previous
+                call; ``None`` at the start of a sequence (pad id).
+
+        Returns:
+            ``(hash_ids, history)``: ``{layer_id: (B, t, (N-1)*K)}`` equal to the last t positions of
+            indexing the whole sequence, and the (B, N-1) history after the new positions.
+        """
+        canonical = self.compressor(input_ids)
+        if history is None:
+            history = self.hasher.initial_history(canonical.shape[0], canonical.device)
+        hash_ids = {lid: self.hasher.hash(canonical, lid, history=history) for lid in self.hasher.layer_ids}
+        return hash_ids, self.hasher.update_history(history, canonical)

@@ -50,8 +50,40 @@ class ShortConv(nn.Module):
             nn.init.zeros_(self.conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, M, d) -> (B, T, M, d)."""
+        """x: (B, T, M, d) -> (B, T, M, d), for a whole sequence."""
+        h = self._normed(x)
+        return self._convolve(F.pad(h, (self.left_pad, 0)), x.shape)  # left padding only: causal
+
+    def step(self, x: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The convolution of positions that continue a sequence, for incremental decoding.
+
+        Args:
+            x: (B, T, M, d) the new positions.
+            state: (B, M*d, (kernel_size-1)*dilation) normalised inputs of the positions before
+                them (oldest first), as returned by the previous call; ``None`` at the start of a
+                sequence (zeros: the causal padding of ``forward``).
+
+        Returns:
+            ``(y, state)``: y (B, T, M, d) equal to the last T positions of ``forward`` over the
+            whole sequence, and the state after the new positions.
+        """
+        h = self._normed(x)
+        if state is None:
+            extended = F.pad(h, (self.left_pad, 0))
+        else:
+            expected = (*h.shape[:2], self.left_pad)
+            if tuple(state.shape) != expected:
+                raise ValueError(f"conv state must have shape {expected}, got {tuple(state.shape)}")
+            extended = torch.cat([state, h], dim=-1)
+        # A copy, not a view: a view would keep the whole extended input (a long prefill) alive.
+        new_state = extended[..., extended.shape[-1] - self.left_pad :].clone()
+        return self._convolve(extended, x.shape), new_state
+
+    def _normed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, M, d) -> RMSNorm per branch, channels first (B, M*d, T)."""
         batch, length, branches, dim = x.shape
-        h = self.norm(x).reshape(batch, length, branches * dim).transpose(1, 2)  # (B, M*d, T)
-        h = self.conv(F.pad(h, (self.left_pad, 0)))  # left padding only: causal
-        return F.silu(h).transpose(1, 2).reshape(batch, length, branches, dim)
+        return self.norm(x).reshape(batch, length, branches * dim).transpose(1, 2)
+
+    def _convolve(self, extended: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Conv1D + SiLU of (B, M*d, left_pad + T) normalised inputs -> (B, T, M, d) of ``shape``."""
+        return F.silu(self.conv(extended)).transpose(1, 2).reshape(shape)

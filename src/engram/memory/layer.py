@@ -11,7 +11,8 @@ h = head width, d_mem = H*h.
     v~^m   = alpha^m v                                       (B, T, M, d)
     Y      = v~ + SiLU(Conv1D(RMSNorm(v~)))                  (B, T, M, d)
 
-The layer returns Y; the block adds it to the residual stream before attention.
+The layer returns Y; the block adds it to the residual stream before attention. Only the short
+convolution reaches back in time, so decoding (``step``) carries its state and nothing else.
 """
 
 from __future__ import annotations
@@ -134,7 +135,39 @@ class Engram(nn.Module):
         """
         hidden, squeeze = self._check_hidden(hidden_states)
         hash_ids = self._resolve_hash_ids(hidden.shape[:2], input_ids, hash_ids)
+        gated = self._gated_value(hidden, hash_ids)
+        out = gated + self.short_conv(gated)
+        return out.squeeze(-2) if squeeze else out
 
+    def step(
+        self, hidden_states: torch.Tensor, hash_ids: torch.Tensor, conv_state: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual update Y of positions that continue a sequence, for incremental decoding.
+
+        Only the short convolution looks back in time; its state carries the positions before.
+
+        Args:
+            hidden_states: (B, T, d), or (B, T, M, d), of the new positions.
+            hash_ids: (B, T, H) their per-head indices, hashed with the history of the sequence
+                (``EngramIndexer.hash_step`` or ``NgramHasher.hash_incremental``).
+            conv_state: the state returned by the previous call; ``None`` at the start of a sequence.
+
+        Returns:
+            ``(Y, conv_state)``: Y equal to the last T positions of ``forward`` over the whole
+            sequence, and the convolution's state after them, (B, M*d, (kernel_size-1)*N).
+        """
+        hidden, squeeze = self._check_hidden(hidden_states)
+        hash_ids = self._resolve_hash_ids(hidden.shape[:2], None, hash_ids)
+        gated = self._gated_value(hidden, hash_ids)
+        conv, conv_state = self.short_conv.step(gated, conv_state)
+        out = gated + conv
+        return (out.squeeze(-2) if squeeze else out), conv_state
+
+    def _gated_value(self, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+        """v~ (B, T, M, d): the memory's value, gated per branch against the hidden state (B, T, M, d).
+
+        Position-wise: every position depends only on its own hidden state and row indices.
+        """
         memory = self.table(hash_ids + self.offsets).flatten(-2)  # (B, T, d_mem)
         value = self.value_proj(memory)  # (B, T, d)
         keys = self.key_proj(memory).unflatten(-1, (self.n_branches, self.hidden_size))  # (B, T, M, d)
@@ -144,9 +177,7 @@ class Engram(nn.Module):
         gate = torch.sigmoid(score).unsqueeze(-1)  # (B, T, M, 1)
         if self.record_gates:
             self.last_gate = gate.squeeze(-1).detach()
-        gated = gate * value.unsqueeze(-2)  # (B, T, M, d)
-        out = gated + self.short_conv(gated)
-        return out.squeeze(-2) if squeeze else out
+        return gate * value.unsqueeze(-2)
 
     # -- validation -----------------------------------------------------------------------------
     def _check_hidden(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -9,6 +9,12 @@ the paper:
 
 With M > 1 residual branches the two sublayer residuals are hyper-connections. Shapes: B batch,
 T positions, d width, M branches, V vocabulary.
+
+Decoding runs the same forward pass over the new positions only, with a ``DecodeState``
+(``model.new_state``): attention reads the keys and values of the past from a KV cache, Engram
+hashes the new ids from the last N-1 canonical ids and its short convolution continues from the
+normalised inputs of the last (kernel_size-1)*N positions. Everything else (norms, FFN, MoE,
+hyper-connections, the head) acts on each position alone and needs no state.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from engram.hashing.indexer import EngramIndexer
 from engram.memory.layer import Engram
 from engram.model.config import ModelConfig
 from engram.model.hyper import HyperConnection
-from engram.model.layers import CausalSelfAttention, Rotary, SwiGLU
+from engram.model.layers import CausalSelfAttention, KVCache, Rotary, SwiGLU
 from engram.model.moe import MoE
 from engram.storage.device import DeviceTable
 
@@ -37,6 +43,43 @@ class LMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+
+
+@dataclass
+class BlockCache:
+    """What one block keeps between decoding calls.
+
+    Attributes:
+        kv: the attention's keys and values of the positions seen so far.
+        conv: the Engram short convolution's state, (B, M*d, (kernel_size-1)*N); ``None`` before
+            the first call and in blocks without Engram.
+    """
+
+    kv: KVCache
+    conv: torch.Tensor | None = None
+
+
+@dataclass
+class DecodeState:
+    """Everything ``EngramLM.forward(..., state=...)`` needs from earlier positions; advanced in place.
+
+    Attributes:
+        batch_size: B; every call must continue all B sequences.
+        capacity: positions the state can hold (prompt plus generated tokens).
+        blocks: one ``BlockCache`` per block.
+        history: (B, N-1) canonical ids of the last positions, which Engram hashes new ids with;
+            ``None`` before the first call and in models without Engram.
+    """
+
+    batch_size: int
+    capacity: int
+    blocks: list[BlockCache]
+    history: torch.Tensor | None = None
+
+    @property
+    def position(self) -> int:
+        """Positions processed so far: the absolute position of the next input id."""
+        return self.blocks[0].kv.length
 
 
 class Block(nn.Module):
@@ -57,11 +100,19 @@ class Block(nn.Module):
         self.attn_hc = HyperConnection(branches, 2 * index) if branches > 1 else None
         self.ffn_hc = HyperConnection(branches, 2 * index + 1) if branches > 1 else None
 
-    def forward(self, h: torch.Tensor, hash_ids: torch.Tensor | None) -> torch.Tensor:
-        """h: (B, T, d) or (B, T, M, d); ``hash_ids`` None skips the Engram module."""
+    def forward(self, h: torch.Tensor, hash_ids: torch.Tensor | None, cache: BlockCache | None = None) -> torch.Tensor:
+        """h: (B, T, d) or (B, T, M, d); ``hash_ids`` None skips the Engram module.
+
+        With ``cache`` the T positions continue the cached ones (decoding) and the cache advances.
+        """
         if self.engram is not None and hash_ids is not None:
-            h = h + self.engram(h, hash_ids=hash_ids)
-        h = self._residual(h, self.attn_hc, lambda x: self.attn(self.attn_norm(x)))
+            if cache is None:
+                h = h + self.engram(h, hash_ids=hash_ids)
+            else:
+                update, cache.conv = self.engram.step(h, hash_ids, cache.conv)
+                h = h + update
+        kv = None if cache is None else cache.kv
+        h = self._residual(h, self.attn_hc, lambda x: self.attn(self.attn_norm(x), kv))
         return self._residual(h, self.ffn_hc, lambda x: self.ffn(self.ffn_norm(x)))
 
     @staticmethod
@@ -154,6 +205,48 @@ class EngramLM(nn.Module):
         for moe in self.moe_layers():
             moe.update_bias()
 
+    # -- decoding -----------------------------------------------------------------------------------
+    def new_state(self, batch_size: int, capacity: int | None = None) -> DecodeState:
+        """An empty decoding state for ``batch_size`` sequences of up to ``capacity`` positions.
+
+        ``capacity`` defaults to ``max_seq_len``; the KV caches are allocated for it on first use,
+        (B, n_heads, capacity, head_dim) keys and values per block.
+        """
+        capacity = self.config.max_seq_len if capacity is None else capacity
+        if batch_size < 1 or not 1 <= capacity <= self.config.max_seq_len:
+            raise ValueError(
+                f"need batch_size >= 1 and 1 <= capacity <= max_seq_len={self.config.max_seq_len}, "
+                f"got {batch_size} and {capacity}"
+            )
+        return DecodeState(batch_size, capacity, [BlockCache(KVCache(capacity)) for _ in self.blocks])
+
+    def _check_continues(
+        self, state: DecodeState, input_ids: torch.Tensor, hash_ids: dict[int, torch.Tensor] | None
+    ) -> None:
+        """Raise unless ``input_ids`` (B, T) can continue ``state``; before anything in it changes."""
+        if hash_ids is not None:
+            raise ValueError("with a decoding state the Engram row indices come from its history: pass no hash_ids")
+        batch, length = input_ids.shape
+        if batch != state.batch_size or length == 0:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} cannot continue a decoding state of "
+                f"{state.batch_size} sequences (need ({state.batch_size}, T >= 1))"
+            )
+        if state.position + length > state.capacity:
+            raise ValueError(
+                f"the decoding state holds {state.capacity} positions: {state.position} are used, "
+                f"{length} more do not fit"
+            )
+        if self.engram_layers() and self.indexer is None:
+            raise ValueError("decoding a model with Engram layers needs its indexer: build it with indexer=...")
+
+    def _step_hash_ids(self, input_ids: torch.Tensor, state: DecodeState) -> dict[int, torch.Tensor]:
+        """Engram row indices of the new positions ``input_ids`` (B, T); advances the state's history."""
+        if not self.engram_layers():
+            return {}
+        hash_ids, state.history = self.indexer.hash_step(input_ids, state.history)
+        return hash_ids
+
     # -- forward ------------------------------------------------------------------------------------
     def forward(
         self,
@@ -161,6 +254,7 @@ class EngramLM(nn.Module):
         targets: torch.Tensor | None = None,
         hash_ids: dict[int, torch.Tensor] | None = None,
         engram_enabled: bool = True,
+        state: DecodeState | None = None,
     ) -> LMOutput:
         """Logits over model ids (and loss) for ``input_ids`` (B, T).
 
@@ -171,12 +265,20 @@ class EngramLM(nn.Module):
             hash_ids: precomputed Engram row indices ``{layer: (B, T, H)}``; computed with the
                 indexer when omitted.
             engram_enabled: False zeroes every Engram module's output (the sensitivity analysis).
+            state: decoding. ``input_ids`` continue the sequences of this state (``new_state``),
+                which advances in place, and the logits are those of the new positions, equal to the
+                last T positions of a forward pass over the whole sequences. Engram's row indices
+                come from the indexer and the state's history (pass no ``hash_ids``); keep
+                ``engram_enabled`` the same for the whole sequence. For inference (no gradient).
         """
         input_ids = as_id_tensor(input_ids, "input_ids", ndim=2)
         n_ids = self.config.input_vocab_size or self.config.vocab_size
         check_id_range(input_ids, 0, n_ids, "input_ids", f" of the model's {n_ids} ids")
         engrams = self.engram_layers() if engram_enabled else {}
-        if engrams and hash_ids is None:
+        if state is not None:
+            self._check_continues(state, input_ids, hash_ids)
+            hash_ids = self._step_hash_ids(input_ids, state)
+        elif engrams and hash_ids is None:
             if self.indexer is None:
                 raise ValueError("this model has Engram layers: pass hash_ids or build it with indexer=...")
             hash_ids = self.indexer(input_ids)
@@ -187,8 +289,9 @@ class EngramLM(nn.Module):
         h = self.embed(self.to_model_ids(input_ids))  # (B, T, d)
         if self.config.n_branches > 1:
             h = h.unsqueeze(2).expand(-1, -1, self.config.n_branches, -1)  # (B, T, M, d)
-        for i, block in enumerate(self.blocks):
-            h = block(h, hash_ids[i] if i in engrams else None)
+        caches = [None] * len(self.blocks) if state is None else state.blocks
+        for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):
+            h = block(h, hash_ids[i] if i in engrams else None, cache)
         if self.config.n_branches > 1:
             h = h.sum(dim=2)
         logits = self.head(self.norm(h))

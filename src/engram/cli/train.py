@@ -1,0 +1,59 @@
+"""``engram train``: train a model on a prepared dataset, from config files plus overrides, resuming by default."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from engram.model.config import ModelConfig
+from engram.training.config import TrainConfig
+from engram.training.run import RunSpec, apply_overrides, start_run
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="train a model on a dataset prepared by `engram data` (resumes an interrupted run)",
+        description="Train the model of --model on --data. Writes run.json, metrics.jsonl, loss.png and "
+        "checkpoints/ into --out; running the same command again continues from the newest checkpoint.",
+    )
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder written by `engram data`")
+    parser.add_argument("--model", type=Path, required=True, help="ModelConfig JSON (see configs/)")
+    parser.add_argument("--train", type=Path, default=None, help="TrainConfig JSON (default: TrainConfig())")
+    parser.add_argument("--out", type=Path, required=True, help="run folder")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="the tokenizer the data was prepared with")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=200 --set model.d_model=128 (repeatable)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model = ModelConfig.load(args.model)
+    train = TrainConfig.load(args.train) if args.train is not None else TrainConfig()
+    tree = apply_overrides({"model": model.to_dict(), "train": train.to_dict()}, args.overrides)
+    if not (args.data / "manifest.json").is_file():
+        raise FileNotFoundError(
+            f"{args.data} is not a dataset folder (no manifest.json); prepare one with `engram data`"
+        )
+    spec = RunSpec(
+        model=tree["model"],
+        train=tree["train"],
+        data=str(args.data.resolve()),
+        tokenizer=None if args.tokenizer is None else str(args.tokenizer.resolve()),
+    )
+    trainer = start_run(spec, args.out, progress=not args.no_progress)
+    if trainer.step:
+        print(f"resuming {args.out} at step {trainer.step}")
+    trainer.train()
+    result = trainer.evaluate()
+    print(json.dumps({"step": trainer.step, **{k: round(v, 4) for k, v in result.items()}}))
+    print(f"run folder: {args.out} (metrics.jsonl, loss.png, checkpoints/)")
+    return 0
