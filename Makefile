@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/engram inspect
+	$(BIN)/engram demo
 
 test: setup
 	$(BIN)/python -m pytest -q

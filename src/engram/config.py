@@ -33,7 +33,10 @@ class EngramConfig(JsonConfig):
             production models); ``"plain"`` is the paper's sigmoid(s).
         conv_zero_init: zero-initialise the convolution so the module starts as pure gated lookup
             (paper); ``False`` keeps PyTorch's default init (demo).
-        table_init_std: standard deviation of the normal init of the embedding tables.
+        table_init_std: standard deviation of the normal init of the embedding tables. The default
+            1.0 is the demo's (``nn.Embedding``); inside a model whose residual stream starts at std
+            ~0.02, a small value (0.005 in ``engram demo``) lets the sparse Adam steps move a row
+            within a few visits and trained much better in our measurements (docs/demo.md).
         gate_norm_eps: epsilon of the key/query RMSNorms; ``None`` means the dtype's machine
             epsilon (PyTorch's RMSNorm default, as in the demo).
         conv_norm_eps: epsilon of the RMSNorm in front of the convolution.

@@ -54,14 +54,31 @@ def plot_gate_heatmap(
         sentences: ``(tokens, gates)`` pairs; ``gates`` has shape (T, M) for T tokens.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(len(sentences), 1, figsize=(10, 1.0 + 1.2 * len(sentences)), dpi=120, squeeze=False)
+    height = sum(1.3 + 0.25 * np.asarray(gates).shape[1] for _, gates in sentences)
+    fig, axes = plt.subplots(
+        len(sentences), 1, figsize=(10, 0.6 + height), dpi=120, squeeze=False, layout="constrained"
+    )
     image = None
     for ax, (tokens, gates) in zip(axes[:, 0], sentences, strict=True):
-        image = ax.imshow(np.asarray(gates).T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+        gates = np.asarray(gates)
+        image = ax.imshow(gates.T, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
         ax.set_xticks(range(len(tokens)))
-        ax.set_xticklabels(tokens, rotation=45, ha="right", fontsize=8)
+        ax.set_xticklabels(
+            [repr(t.strip()) if t.strip() else repr(t) for t in tokens], rotation=40, ha="right", fontsize=8
+        )
         ax.set_yticks(range(gates.shape[1]))
         ax.set_yticklabels([f"branch {m}" for m in range(gates.shape[1])], fontsize=7)
+        for t in range(gates.shape[0]):  # the value itself, so the picture reads without the colour bar
+            for m in range(gates.shape[1]):
+                ax.text(
+                    t,
+                    m,
+                    f"{gates[t, m]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if gates[t, m] < 0.6 else "black",
+                )
     fig.suptitle(title)
     fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.02, pad=0.01, label="gate")
     path = Path(path)

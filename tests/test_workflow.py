@@ -1,0 +1,172 @@
+"""The command-line workflow as a user runs it: data -> train (and resume) -> eval -> generate, and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engram import EngramConfig
+from engram.model import ModelConfig, MoEConfig
+from tests.corpus import SONNETS, sonnets_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _engram(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ENGRAM_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "engram.cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("workflow")
+    tokenizer = root / "tokenizer.json"
+    sonnets_tokenizer().save(str(tokenizer))
+    model = root / "model.json"
+    engram = EngramConfig(
+        layer_ids=[1], n_head_per_ngram=2, n_embed_per_ngram=16, engram_vocab_size=[997, 997], pad_id=0
+    )
+    config = ModelConfig(
+        vocab_size=2,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=64,
+        engram=engram,
+        moe=MoEConfig(n_routed_experts=4, top_k=2, expert_hidden=32),
+    )
+    model.write_text(config.to_json())
+    data = root / "data"
+    result = _engram(
+        "data",
+        SONNETS,
+        "--out",
+        data,
+        "--tokenizer",
+        tokenizer,
+        "--split",
+        "0.8,0.1,0.1",
+        "--max-doc-chars",
+        "3000",
+        "--quiet",
+        cache=root,
+    )
+    assert result.returncode == 0, result.stderr
+    return {"root": root, "tokenizer": tokenizer, "model": model, "data": data}
+
+
+def _train(ws: dict[str, Path], run: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:
+    sets = [
+        f"train.steps={steps}",
+        "train.batch_size=2",
+        "train.seq_len=32",
+        "train.eval_every=3",
+        "train.eval_batches=1",
+        "train.checkpoint_every=3",
+        "train.warmup_steps=1",
+        "train.log_every=1",
+    ]
+    args = [
+        "train",
+        "--data",
+        ws["data"],
+        "--model",
+        ws["model"],
+        "--out",
+        run,
+        "--tokenizer",
+        ws["tokenizer"],
+        "--no-progress",
+        *[a for s in sets for a in ("--set", s)],
+        *extra,
+    ]
+    return _engram(*args, cache=ws["root"])
+
+
+def test_train_resume_eval_generate(workspace):
+    run = workspace["root"] / "run"
+    first = _train(workspace, run, 6)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout.splitlines()[-2])
+    assert summary["step"] == 6 and {"val_loss", "val_bpb", "val_loss_engram_off"} <= set(summary)
+    assert {"run.json", "metrics.jsonl", "loss.png", "checkpoints"} <= {p.name for p in run.iterdir()}
+
+    resumed = _train(workspace, run, 9)  # the same command with more steps continues the run
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "at step 6" in resumed.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 10))
+
+    evaluation = _engram("eval", run, "--split", "test", cache=workspace["root"])
+    assert evaluation.returncode == 0, evaluation.stderr
+    result = json.loads(evaluation.stdout)
+    assert result["split"] == "test" and result["tokens"] > 0
+    assert 0 < result["loss"] < 10 and result["bits_per_byte"] > 0 and "loss_engram_off" in result
+
+    generated = _engram(
+        "generate",
+        run,
+        "--prompt",
+        "Shall I compare thee",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0",
+        cache=workspace["root"],
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("Shall I compare thee")
+    assert len(generated.stdout.strip()) > len("Shall I compare thee")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.stepz=3"], "unknown key 'stepz'"),
+        (["--set", "model.moe.top_k=9"], "top_k"),
+        (["--set", "steps"], "must look like key=value"),
+    ],
+)
+def test_train_rejects_bad_overrides(workspace, args, message):
+    result = _train(workspace, workspace["root"] / "bad", 2, *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_inputs_exit_with_code_2(workspace):
+    root = workspace["root"]
+    missing_data = _engram(
+        "train", "--data", root / "nowhere", "--model", workspace["model"], "--out", root / "x", cache=root
+    )
+    assert missing_data.returncode == 2 and "not a dataset folder" in missing_data.stderr
+    missing_model = _engram(
+        "train", "--data", workspace["data"], "--model", root / "none.json", "--out", root / "x", cache=root
+    )
+    assert missing_model.returncode == 2 and "does not exist" in missing_model.stderr
+    no_run = _engram("eval", root / "no-run", cache=root)
+    assert no_run.returncode == 2 and "is not a training run" in no_run.stderr
+
+
+def test_quick_demo_writes_the_table_and_the_pictures(tmp_path):
+    result = _engram("demo", "--quick", "--out", tmp_path / "demo", "--no-progress", cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "validation loss, Engram off" in result.stdout and "demo finished" in result.stdout
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results) == {"MoE", "Engram+MoE"}
+    assert abs(results["MoE"]["total"] / results["Engram+MoE"]["total"] - 1) < 0.01
+    assert results["MoE"]["tables"] == 0 and results["Engram+MoE"]["tables"] > 0
+    assert all(r["val_loss"] > 0 and r["val_bpb"] > 0 for r in results.values())
+    for picture in ("loss_curves.png", "gate_heatmap.png"):
+        assert (tmp_path / "demo" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
