@@ -75,6 +75,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few steps only (for tests and a first look)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per model")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
 
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     train = dataclasses.replace(TRAIN, **(QUICK if args.quick else {}))
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps)
+    train = dataclasses.replace(train, seed=args.seed)
     allocation = allocate(BASELINE, RHO, ENGRAM_LAYERS)
     configs = {"MoE": allocation.moe, "Engram+MoE": allocation.engram}
 
