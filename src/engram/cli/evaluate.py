@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from engram.eval.evaluate import evaluate, token_byte_lengths
+from engram.eval.evaluate import evaluate_with_and_without_engram, token_byte_lengths
 from engram.training.run import load_run
 
 
@@ -27,10 +27,9 @@ def run(args: argparse.Namespace) -> int:
         max_batches=args.batches,
         byte_lengths=token_byte_lengths(tokenizer),
     )
-    tokens = dataset.tokens(args.split)
-    on = evaluate(model, tokens, **kwargs)
+    on, off = evaluate_with_and_without_engram(model, dataset.tokens(args.split), **kwargs)
     result = {"split": args.split, "tokens": on.tokens, "loss": round(on.loss, 4), "bits_per_byte": on.bits_per_byte}
-    if model.engram_layers():
-        result["loss_engram_off"] = round(evaluate(model, tokens, engram_enabled=False, **kwargs).loss, 4)
+    if off is not None:
+        result["loss_engram_off"] = round(off.loss, 4)
     print(json.dumps(result))
     return 0

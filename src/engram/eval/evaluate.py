@@ -72,3 +72,12 @@ def evaluate(
         model.train(was_training)
     bpb = nats / (math.log(2) * n_bytes) if byte_lengths is not None and n_bytes else None
     return EvalResult(nats / count, bpb, count)
+
+
+def evaluate_with_and_without_engram(
+    model: EngramLM, tokens: np.ndarray, **kwargs
+) -> tuple[EvalResult, EvalResult | None]:
+    """``evaluate`` with Engram on and, if the model has Engram layers, with it switched off (else None)."""
+    on = evaluate(model, tokens, **kwargs)
+    off = evaluate(model, tokens, engram_enabled=False, **kwargs) if model.engram_layers() else None
+    return on, off

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engram.data.batches import RandomWindows
-from engram.eval.evaluate import evaluate
+from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.lm import EngramLM
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.training.config import TrainConfig, lr_factor
@@ -223,14 +223,12 @@ class Trainer:
             byte_lengths=self.byte_lengths,
         )
         with self._autocast():
-            on = evaluate(self.model, self.val_tokens, **kwargs)
-            result = {"val_loss": on.loss}
-            if on.bits_per_byte is not None:
-                result["val_bpb"] = on.bits_per_byte
-            if self.model.engram_layers():
-                result["val_loss_engram_off"] = evaluate(
-                    self.model, self.val_tokens, engram_enabled=False, **kwargs
-                ).loss
+            on, off = evaluate_with_and_without_engram(self.model, self.val_tokens, **kwargs)
+        result = {"val_loss": on.loss}
+        if on.bits_per_byte is not None:
+            result["val_bpb"] = on.bits_per_byte
+        if off is not None:
+            result["val_loss_engram_off"] = off.loss
         return result
 
     # -- checkpoints --------------------------------------------------------------------------------
