@@ -12,7 +12,7 @@ import torch
 from engram import CompressedTokenizer, EngramConfig, EngramIndexer
 from engram.eval import token_byte_lengths
 from engram.model import EngramLM, ModelConfig, MoEConfig
-from engram.training import SparseRowAdam, TrainConfig, Trainer, build_optimizers, lr_factor, seed_everything
+from engram.training import RowAdam, TrainConfig, Trainer, build_optimizers, lr_factor, seed_everything
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint
 from tests.corpus import sonnets_tokenizer, sonnets_tokens
 
@@ -112,8 +112,8 @@ def test_optimizer_groups_follow_the_recipe(compressor):
     optimizers = trainer.optimizers
     assert set(optimizers) == {"tables", "adamw"}
     tables = optimizers["tables"]
-    assert isinstance(tables, SparseRowAdam)
-    assert tables.param_groups[0]["params"] == [trainer.model.blocks[1].engram.table.weight]
+    assert isinstance(tables, RowAdam)
+    assert tables.tables == [trainer.model.blocks[1].engram.table]
     assert tables.param_groups[0]["lr"] == pytest.approx(5 * TRAIN.lr) and tables.param_groups[0]["weight_decay"] == 0
     decay, no_decay = optimizers["adamw"].param_groups
     matrices = {id(m.weight) for m in trainer.model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}

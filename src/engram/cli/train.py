@@ -8,6 +8,7 @@ from pathlib import Path
 
 from engram.cli._options import add_tokenizer_option
 from engram.model.config import ModelConfig
+from engram.storage.config import StorageConfig
 from engram.training.config import TrainConfig
 from engram.training.run import RunSpec, apply_overrides, start_run
 
@@ -22,6 +23,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, required=True, help="dataset folder written by `engram data`")
     parser.add_argument("--model", type=Path, required=True, help="ModelConfig JSON (see configs/)")
     parser.add_argument("--train", type=Path, default=None, help="TrainConfig JSON (default: TrainConfig())")
+    parser.add_argument(
+        "--storage",
+        type=Path,
+        default=None,
+        help="StorageConfig JSON: where the Engram tables live (default: on the device; see docs/usage.md)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder")
     add_tokenizer_option(parser, help="the tokenizer the data was prepared with (default: DeepSeek-V3)")
     parser.add_argument(
@@ -30,7 +37,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.steps=200 --set model.d_model=128 (repeatable)",
+        help="override a config value, e.g. --set train.steps=200 --set model.d_model=128 "
+        "--set storage.tier=disk (repeatable)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -39,7 +47,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     model = ModelConfig.load(args.model)
     train = TrainConfig.load(args.train) if args.train is not None else TrainConfig()
-    tree = apply_overrides({"model": model.to_dict(), "train": train.to_dict()}, args.overrides)
+    storage = StorageConfig.load(args.storage) if args.storage is not None else StorageConfig()
+    tree = {"model": model.to_dict(), "train": train.to_dict(), "storage": storage.to_dict()}
+    tree = apply_overrides(tree, args.overrides)
     if not (args.data / "manifest.json").is_file():
         raise FileNotFoundError(
             f"{args.data} is not a dataset folder (no manifest.json); prepare one with `engram data`"
@@ -49,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         train=tree["train"],
         data=str(args.data.resolve()),
         tokenizer=None if args.tokenizer is None else str(args.tokenizer.resolve()),
+        storage=tree["storage"],
     )
     trainer = start_run(spec, args.out, progress=not args.no_progress)
     if trainer.step:

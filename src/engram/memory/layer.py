@@ -29,6 +29,7 @@ from engram.hashing.primes import engram_table_sizes
 from engram.memory.conv import BranchRMSNorm, ShortConv
 from engram.storage.base import TableStorage
 from engram.storage.device import DeviceTable
+from engram.storage.prefetch import PendingRows
 
 
 class Engram(nn.Module):
@@ -117,11 +118,21 @@ class Engram(nn.Module):
     def n_heads(self) -> int:
         return len(self.head_sizes)
 
+    def prefetch(self, hash_ids: torch.Tensor) -> PendingRows | None:
+        """Start fetching the table rows of ``hash_ids`` (B, T, H) ahead of ``forward``/``step``.
+
+        Tables off the device (host, disk) fetch in a background thread while the layers before this
+        one compute; pass the result as ``prefetched`` with the same ``hash_ids``. None for tiers
+        that have nothing to prefetch.
+        """
+        return self.table.prefetch(hash_ids + self.offsets)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         hash_ids: torch.Tensor | None = None,
+        prefetched: PendingRows | None = None,
     ) -> torch.Tensor:
         """The residual update Y.
 
@@ -129,18 +140,23 @@ class Engram(nn.Module):
             hidden_states: (B, T, d), or (B, T, M, d) with M = ``n_branches``.
             input_ids: (B, T) raw token ids (needs an ``indexer``), or
             hash_ids: (B, T, H) precomputed per-head indices from ``NgramHasher.hash``.
+            prefetched: what ``prefetch(hash_ids)`` returned for these hash ids, if called.
 
         Returns:
             Y with the shape of ``hidden_states``.
         """
         hidden, squeeze = self._check_hidden(hidden_states)
         hash_ids = self._resolve_hash_ids(hidden.shape[:2], input_ids, hash_ids)
-        gated = self._gated_value(hidden, hash_ids)
+        gated = self._gated_value(hidden, hash_ids, prefetched)
         out = gated + self.short_conv(gated)
         return out.squeeze(-2) if squeeze else out
 
     def step(
-        self, hidden_states: torch.Tensor, hash_ids: torch.Tensor, conv_state: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        hash_ids: torch.Tensor,
+        conv_state: torch.Tensor | None = None,
+        prefetched: PendingRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual update Y of positions that continue a sequence, for incremental decoding.
 
@@ -151,6 +167,7 @@ class Engram(nn.Module):
             hash_ids: (B, T, H) their per-head indices, hashed with the history of the sequence
                 (``EngramIndexer.hash_step`` or ``NgramHasher.hash_incremental``).
             conv_state: the state returned by the previous call; ``None`` at the start of a sequence.
+            prefetched: what ``prefetch(hash_ids)`` returned, if called.
 
         Returns:
             ``(Y, conv_state)``: Y equal to the last T positions of ``forward`` over the whole
@@ -158,17 +175,19 @@ class Engram(nn.Module):
         """
         hidden, squeeze = self._check_hidden(hidden_states)
         hash_ids = self._resolve_hash_ids(hidden.shape[:2], None, hash_ids)
-        gated = self._gated_value(hidden, hash_ids)
+        gated = self._gated_value(hidden, hash_ids, prefetched)
         conv, conv_state = self.short_conv.step(gated, conv_state)
         out = gated + conv
         return (out.squeeze(-2) if squeeze else out), conv_state
 
-    def _gated_value(self, hidden: torch.Tensor, hash_ids: torch.Tensor) -> torch.Tensor:
+    def _gated_value(
+        self, hidden: torch.Tensor, hash_ids: torch.Tensor, prefetched: PendingRows | None = None
+    ) -> torch.Tensor:
         """v~ (B, T, M, d): the memory's value, gated per branch against the hidden state (B, T, M, d).
 
         Position-wise: every position depends only on its own hidden state and row indices.
         """
-        memory = self.table(hash_ids + self.offsets).flatten(-2)  # (B, T, d_mem)
+        memory = self.table(hash_ids + self.offsets, prefetched).flatten(-2)  # (B, T, d_mem)
         value = self.value_proj(memory)  # (B, T, d)
         keys = self.key_proj(memory).unflatten(-1, (self.n_branches, self.hidden_size))  # (B, T, M, d)
         score = (self.key_norm(keys) * self.query_norm(hidden)).sum(-1) / math.sqrt(self.hidden_size)

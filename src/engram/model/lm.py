@@ -33,7 +33,9 @@ from engram.model.config import ModelConfig
 from engram.model.hyper import HyperConnection
 from engram.model.layers import CausalSelfAttention, KVCache, Rotary, SwiGLU
 from engram.model.moe import MoE
-from engram.storage.device import DeviceTable
+from engram.storage.base import TableStorage
+from engram.storage.config import StorageConfig, build_table
+from engram.storage.prefetch import PendingRows
 
 
 @dataclass
@@ -85,13 +87,15 @@ class DecodeState:
 class Block(nn.Module):
     """One Transformer block, with an optional Engram module in front."""
 
-    def __init__(self, config: ModelConfig, index: int, rotary: Rotary, sparse_table_grad: bool):
+    def __init__(
+        self, config: ModelConfig, index: int, rotary: Rotary, sparse_table_grad: bool, storage: StorageConfig
+    ):
         super().__init__()
         d, branches = config.d_model, config.n_branches
         self.engram: Engram | None = None
         if config.engram is not None and index in config.engram.layer_ids:
             rows, dim = Engram.table_shape(config.engram, index)
-            table = DeviceTable(rows, dim, init_std=config.engram.table_init_std, sparse_grad=sparse_table_grad)
+            table = build_table(storage, index, rows, dim, config.engram.table_init_std, sparse_table_grad)
             self.engram = Engram(config.engram, index, d, branches, storage=table)
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.attn = CausalSelfAttention(d, config.n_heads, rotary)
@@ -100,16 +104,23 @@ class Block(nn.Module):
         self.attn_hc = HyperConnection(branches, 2 * index) if branches > 1 else None
         self.ffn_hc = HyperConnection(branches, 2 * index + 1) if branches > 1 else None
 
-    def forward(self, h: torch.Tensor, hash_ids: torch.Tensor | None, cache: BlockCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        h: torch.Tensor,
+        hash_ids: torch.Tensor | None,
+        cache: BlockCache | None = None,
+        prefetched: PendingRows | None = None,
+    ) -> torch.Tensor:
         """h: (B, T, d) or (B, T, M, d); ``hash_ids`` None skips the Engram module.
 
         With ``cache`` the T positions continue the cached ones (decoding) and the cache advances.
+        ``prefetched``: the Engram rows of ``hash_ids``, fetched ahead (``Engram.prefetch``).
         """
         if self.engram is not None and hash_ids is not None:
             if cache is None:
-                h = h + self.engram(h, hash_ids=hash_ids)
+                h = h + self.engram(h, hash_ids=hash_ids, prefetched=prefetched)
             else:
-                update, cache.conv = self.engram.step(h, hash_ids, cache.conv)
+                update, cache.conv = self.engram.step(h, hash_ids, cache.conv, prefetched)
                 h = h + update
         kv = None if cache is None else cache.kv
         h = self._residual(h, self.attn_hc, lambda x: self.attn(self.attn_norm(x), kv))
@@ -127,10 +138,17 @@ class EngramLM(nn.Module):
         config: the architecture.
         indexer: computes Engram row indices from ``input_ids`` when ``forward`` is not given
             ``hash_ids`` (the input ids must then be the indexer's tokenizer ids).
-        sparse_table_grad: Engram tables produce sparse gradients (for sparse row optimizers).
+        sparse_table_grad: device-tier Engram tables produce sparse gradients (for sparse row optimizers).
+        storage: where the Engram tables live (device by default; host memory or disk).
     """
 
-    def __init__(self, config: ModelConfig, indexer: EngramIndexer | None = None, sparse_table_grad: bool = True):
+    def __init__(
+        self,
+        config: ModelConfig,
+        indexer: EngramIndexer | None = None,
+        sparse_table_grad: bool = True,
+        storage: StorageConfig | None = None,
+    ):
         super().__init__()
         if indexer is not None and indexer.config != config.engram:
             raise ValueError("the indexer was built from a different EngramConfig than config.engram")
@@ -138,7 +156,10 @@ class EngramLM(nn.Module):
         self.indexer = indexer
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         rotary = Rotary(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.blocks = nn.ModuleList(Block(config, i, rotary, sparse_table_grad) for i in range(config.n_layers))
+        self.storage = storage or StorageConfig()
+        self.blocks = nn.ModuleList(
+            Block(config, i, rotary, sparse_table_grad, self.storage) for i in range(config.n_layers)
+        )
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_backbone()
@@ -195,6 +216,10 @@ class EngramLM(nn.Module):
     def engram_layers(self) -> dict[int, Engram]:
         """The Engram modules by layer index."""
         return {i: block.engram for i, block in enumerate(self.blocks) if block.engram is not None}
+
+    def engram_tables(self) -> list[TableStorage]:
+        """The Engram tables, in layer order (what the sparse row optimizer updates)."""
+        return [engram.table for engram in self.engram_layers().values()]
 
     def moe_layers(self) -> list[MoE]:
         return [module for module in self.modules() if isinstance(module, MoE)]
@@ -289,9 +314,12 @@ class EngramLM(nn.Module):
         h = self.embed(self.to_model_ids(input_ids))  # (B, T, d)
         if self.config.n_branches > 1:
             h = h.unsqueeze(2).expand(-1, -1, self.config.n_branches, -1)  # (B, T, M, d)
+        # Row indices depend on the ids only: start every Engram layer's table reads now, so tables off
+        # the device are read while the layers in front compute (a no-op for device tables).
+        prefetched = {i: engram.prefetch(hash_ids[i]) for i, engram in engrams.items()}
         caches = [None] * len(self.blocks) if state is None else state.blocks
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):
-            h = block(h, hash_ids[i] if i in engrams else None, cache)
+            h = block(h, hash_ids[i] if i in engrams else None, cache, prefetched.get(i))
         if self.config.n_branches > 1:
             h = h.sum(dim=2)
         logits = self.head(self.norm(h))

@@ -1,6 +1,21 @@
-"""Where Engram tables live: the storage interface and its tiers."""
+"""Where Engram tables live: the storage interface and its tiers (device, host memory, disk)."""
 
 from engram.storage.base import TableStorage
+from engram.storage.config import StorageConfig, build_table
 from engram.storage.device import DeviceTable
+from engram.storage.disk import DiskTable, TableStateError
+from engram.storage.offload import HostTable, OffloadedTable
+from engram.storage.prefetch import FetchedRows, PendingRows
 
-__all__ = ["DeviceTable", "TableStorage"]
+__all__ = [
+    "DeviceTable",
+    "DiskTable",
+    "FetchedRows",
+    "HostTable",
+    "OffloadedTable",
+    "PendingRows",
+    "StorageConfig",
+    "TableStateError",
+    "TableStorage",
+    "build_table",
+]

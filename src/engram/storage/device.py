@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engram.storage.base import TableStorage
+from engram.storage.prefetch import PendingRows
 
 
 class DeviceTable(TableStorage):
@@ -33,7 +34,11 @@ class DeviceTable(TableStorage):
         self.weight = nn.Parameter(torch.empty(num_rows, dim, dtype=dtype, device=device))
         nn.init.normal_(self.weight, std=init_std)
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+    @property
+    def home_device(self) -> torch.device:
+        return self.weight.device
+
+    def lookup(self, indices: torch.Tensor, prefetched: PendingRows | None = None) -> torch.Tensor:
         return F.embedding(indices, self.weight, sparse=self.sparse_grad)
 
     @torch.no_grad()
@@ -41,8 +46,32 @@ class DeviceTable(TableStorage):
         return self.weight[self.check_rows(rows).to(self.weight.device)].clone()
 
     @torch.no_grad()
-    def apply_sparse_update(self, rows: torch.Tensor, delta: torch.Tensor) -> None:
-        rows = self.check_rows(rows).to(self.weight.device)
-        if delta.shape != (rows.numel(), self.dim):
-            raise ValueError(f"delta must have shape ({rows.numel()}, {self.dim}), got {tuple(delta.shape)}")
-        self.weight.index_add_(0, rows, delta.to(self.weight))
+    def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        rows = self.check_rows(rows)
+        self._check_values(rows, values)
+        self.weight.index_copy_(0, rows.to(self.weight.device), values.to(self.weight))
+
+    def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        grad = self.weight.grad
+        if grad is None:
+            return None
+        if not grad.is_sparse:
+            raise RuntimeError(
+                f"a sparse row optimizer needs sparse gradients, but this {self.num_rows}-row table has a dense "
+                "gradient; build it with DeviceTable(..., sparse_grad=True), or use a dense optimizer such as AdamW"
+            )
+        self.weight.grad = None
+        grad = grad.coalesce()  # sums repeated rows; keeps rows whose sum is zero (they were looked up)
+        return grad.indices()[0], grad.values()
+
+    def zero_row_grad(self) -> None:
+        self.weight.grad = None
+
+    def _new_row_state(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(self.num_rows, *row_shape, dtype=dtype, device=self.weight.device)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Optimizer state follows the parameter when the model moves (model.to(device)).
+        module = super()._apply(fn, recurse)
+        self._row_states = {name: fn(state) for name, state in self._row_states.items()}
+        return module

@@ -1,11 +1,15 @@
-"""Training: sparse table optimizer, schedules, the loop, metrics and checkpoints."""
+"""Training: sparse table optimizers, schedules, the loop, metrics and checkpoints."""
 
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.training.config import TrainConfig, lr_factor
+from engram.training.row_optim import RowAdagrad, RowAdam, RowOptimizer
 from engram.training.sparse_adam import SparseRowAdam
 from engram.training.trainer import Trainer, build_optimizers, seed_everything
 
 __all__ = [
+    "RowAdagrad",
+    "RowAdam",
+    "RowOptimizer",
     "SparseRowAdam",
     "TrainConfig",
     "Trainer",

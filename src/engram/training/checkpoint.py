@@ -3,6 +3,11 @@
 Each checkpoint is a folder ``step_00001234`` written by ``checkpoint_io.save_state`` (safetensors
 plus JSON, no pickle, renamed into place only when complete). Older checkpoints beyond ``keep_last``
 are removed only after the new one is complete, so a crash at any point leaves a good one.
+
+Tables that persist themselves (the disk tier) are not copied: the checkpoint records where they
+are, and saving is two-phase around the folder (``prepare_checkpoint``, write the folder,
+``commit_checkpoint``), so the tables and the newest complete folder always agree after a crash.
+Such tables can only be restored to the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ def save_checkpoint(
 ) -> Path:
     """Write ``directory/step_<step>`` and prune older checkpoints; returns the new folder."""
     directory = Path(directory)
+    persisted = [table for table in model.engram_tables() if table.persists_itself]
+    for table in persisted:
+        table.prepare_checkpoint(step)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -48,12 +56,15 @@ def save_checkpoint(
             "model_config": model.config.to_dict(),
             "train_config": train_config.to_dict(),
             "run_info": run_info or {},
+            "storage": model.storage.to_dict(),
         },
         "model": model.state_dict(),
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
         "rng": rng,
     }
     path = save_state(directory / f"step_{step:08d}", tree)
+    for table in persisted:
+        table.commit_checkpoint(step)
     complete = [p for _, p in _checkpoints(directory) if checkpoint_complete(p)]
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -101,6 +112,16 @@ def load_checkpoint(
         diffs = _differences({k: meta["run_info"].get(k) for k in run_info}, run_info)
         if diffs:
             raise ValueError(f"checkpoint {path} belongs to another run: " + "; ".join(diffs))
+    saved_tier = meta.get("storage", {}).get("tier", "device")
+    if (saved_tier == "disk") != (model.storage.tier == "disk"):
+        raise ValueError(
+            f"checkpoint {path} keeps its Engram tables in the {saved_tier!r} tier and this model in the "
+            f"{model.storage.tier!r} tier; convert the tables with `engram tables convert` or build the model with "
+            f"storage tier {saved_tier!r}"
+        )
+    for table in model.engram_tables():
+        if table.persists_itself:
+            table.restore_checkpoint(int(meta["step"]))
     model.load_state_dict(tree["model"])
     if optimizers is not None:
         if set(tree["optimizers"]) != set(optimizers):

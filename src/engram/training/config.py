@@ -23,7 +23,11 @@ class TrainConfig(JsonConfig):
         optimizer: ``"adamw"`` for every backbone parameter, or ``"muon"`` for the 2-D hidden
             matrices (embedding, LM head, norms and other vectors stay on AdamW).
         betas, weight_decay: AdamW's; weight decay applies to matrices only.
-        table_lr_mult, table_weight_decay, table_betas: the Engram tables' sparse Adam.
+        table_optimizer: the Engram tables' sparse row optimizer: ``"adam"`` (the paper's; two
+            moments per element) or ``"adagrad"`` (row-wise, one float per row: for tables whose
+            Adam state would not fit their tier).
+        table_lr_mult, table_weight_decay, table_betas: its learning rate multiplier, and Adam's
+            weight decay and betas.
         schedule: ``"cosine"`` decay to ``min_lr_ratio * lr``, ``"step"`` (x0.316 at 80% and again
             at 90% of the run, the DeepSeek schedule), or ``"constant"``; all after linear warmup.
         warmup_steps: linear warmup from 0.
@@ -41,6 +45,7 @@ class TrainConfig(JsonConfig):
     optimizer: Literal["adamw", "muon"] = "adamw"
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
+    table_optimizer: Literal["adam", "adagrad"] = "adam"
     table_lr_mult: float = 5.0
     table_weight_decay: float = 0.0
     table_betas: tuple[float, float] = (0.9, 0.95)
@@ -66,6 +71,8 @@ class TrainConfig(JsonConfig):
             raise ValueError("lr and table_lr_mult must be > 0")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        if self.table_optimizer not in ("adam", "adagrad"):
+            raise ValueError(f"table_optimizer must be 'adam' or 'adagrad', got {self.table_optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -23,6 +23,7 @@ from engram.hashing.compression import CompressedTokenizer
 from engram.hashing.indexer import EngramIndexer
 from engram.model.config import ModelConfig
 from engram.model.lm import EngramLM
+from engram.storage.config import StorageConfig
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint
 from engram.training.config import TrainConfig
 from engram.training.trainer import Trainer, resolve_device, seed_everything
@@ -32,18 +33,31 @@ SPEC_FILE = "run.json"
 
 @dataclass
 class RunSpec(JsonConfig):
-    """What a run trains, on what, with which tokenizer (``None``: DeepSeek-V3)."""
+    """What a run trains, on what, with which tokenizer (``None``: DeepSeek-V3), and where its tables live.
+
+    ``storage`` is a deployment choice, not part of the model: a run's tables can change tier
+    (``engram tables convert``) without changing the run.
+    """
 
     model: ModelConfig
     train: TrainConfig
     data: str
     tokenizer: str | None = None
+    storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         if isinstance(self.train, dict):
             self.train = TrainConfig.from_dict(self.train)
+        if isinstance(self.storage, dict):
+            self.storage = StorageConfig.from_dict(self.storage)
+
+    def storage_for(self, run_dir: str | Path) -> StorageConfig:
+        """The storage config with the disk tier's folder resolved (default ``<run>/tables``)."""
+        if self.storage.tier != "disk" or self.storage.directory is not None:
+            return self.storage
+        return dataclasses.replace(self.storage, directory=str(Path(run_dir) / "tables"))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -73,12 +87,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def build_model(config: ModelConfig, tokenizer: CompressedTokenizer, dataset: TokenDataset) -> EngramLM:
+def build_model(
+    config: ModelConfig, tokenizer: CompressedTokenizer, dataset: TokenDataset, storage: StorageConfig | None = None
+) -> EngramLM:
     """The model of ``config`` with its output vocabulary trimmed to the dataset's kept ids."""
     kept = torch.from_numpy(dataset.vocabulary.astype("int64"))
     config = dataclasses.replace(config, vocab_size=len(kept) + 1, input_vocab_size=tokenizer.raw_vocab_size)
     indexer = EngramIndexer(config.engram, tokenizer) if config.engram is not None else None
-    model = EngramLM(config, indexer=indexer)
+    model = EngramLM(config, indexer=indexer, storage=storage)
     model.set_vocabulary(kept)
     return model
 
@@ -109,7 +125,7 @@ def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trai
 
     tokenizer, dataset = _open(spec)
     seed_everything(spec.train.seed)
-    model = build_model(spec.model, tokenizer, dataset)
+    model = build_model(spec.model, tokenizer, dataset, spec.storage_for(run_dir))
     trainer = Trainer(
         model,
         spec.train,
@@ -135,6 +151,6 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[EngramLM, RunSp
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint yet")
     tokenizer, dataset = _open(spec)
-    model = build_model(spec.model, tokenizer, dataset).to(resolve_device(device))
+    model = build_model(spec.model, tokenizer, dataset, spec.storage_for(run_dir)).to(resolve_device(device))
     load_checkpoint(checkpoint, model)
     return model.eval(), spec, tokenizer, dataset

@@ -203,19 +203,46 @@ def _update_rows(
     p: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
 ) -> None:
     """The Adam(W) update of rows ``rows`` (U,) of ``p`` with gradient rows ``grad`` (U, D)."""
-    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     exp_avg, exp_avg_sq, row_step = state["exp_avg"], state["exp_avg_sq"], state["row_step"]
-    # Half-precision tables: do the arithmetic in float32, store in the table's dtype.
-    compute = torch.promote_types(p.dtype, torch.float32)
-
-    step = row_step.index_select(0, rows).add_(1)  # (U,)
+    param, m, v, step = adam_rows(
+        p.index_select(0, rows),
+        grad,
+        exp_avg.index_select(0, rows),
+        exp_avg_sq.index_select(0, rows),
+        row_step.index_select(0, rows),
+        group,
+    )
     row_step.index_copy_(0, rows, step)
-
-    g = grad.to(compute)
-    m = exp_avg.index_select(0, rows).to(compute).lerp_(g, 1.0 - beta1)  # (U, D)
-    v = exp_avg_sq.index_select(0, rows).to(compute).mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     exp_avg.index_copy_(0, rows, m.to(p.dtype))
     exp_avg_sq.index_copy_(0, rows, v.to(p.dtype))
+    p.index_copy_(0, rows, param.to(p.dtype))
+
+
+def adam_rows(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    group: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Adam(W) update of U gathered rows, each with its own step count (the class docstring's rule).
+
+    Args:
+        param, grad, exp_avg, exp_avg_sq: (U, D) the rows, their gradient and moments.
+        step: (U,) int64 updates each row has had so far.
+        group: hyper-parameters ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
+    Returns:
+        New ``(param, exp_avg, exp_avg_sq, step)``, rows in float32 (or wider if the input is).
+    """
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    # Half-precision tables: do the arithmetic in float32, the caller stores in the table's dtype.
+    compute = torch.promote_types(param.dtype, torch.float32)
+    step = step + 1
+    g = grad.to(compute)
+    m = exp_avg.to(compute).lerp_(g, 1.0 - beta1)  # (U, D)
+    v = exp_avg_sq.to(compute).mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
 
     # 1 - b^t = -expm1(t log b): accurate where 1 - b^t cancels (b2 = 0.999, small t); b = 0 gives 1.
     t = step.to(compute).unsqueeze(1)  # (U, 1)
@@ -223,11 +250,11 @@ def _update_rows(
     bias_correction2 = -torch.expm1(t * _log(beta2))
     denom = (v.sqrt() / bias_correction2.sqrt()).add_(eps)
 
-    param = p.index_select(0, rows).to(compute)
+    param = param.to(compute, copy=True)
     if weight_decay != 0.0:
         param.mul_(1.0 - lr * weight_decay)
-    param.sub_(m.div_(denom).mul_(lr / bias_correction1))
-    p.index_copy_(0, rows, param.to(p.dtype))
+    param.sub_((m / denom).mul_(lr / bias_correction1))
+    return param, m, v, step
 
 
 def _log(beta: float) -> float:

@@ -1,7 +1,8 @@
 """The training loop: parameter groups, schedules, clipping, metrics, checkpoints and exact resume.
 
-Engram tables get a sparse Adam (``SparseRowAdam``) that updates only the rows a batch looked up, so
-a step's optimizer cost does not grow with table size; every other parameter gets AdamW (or Muon
+Engram tables get a sparse row optimizer (``RowAdam``, or ``RowAdagrad``) that updates only the
+rows a batch looked up, with its state in the table's tier, so a step's optimizer cost does not
+grow with table size; every other parameter gets AdamW (or Muon
 for the hidden matrices). The data order depends only on (seed, step), and a checkpoint holds the
 weights, every optimizer's state, the random generators and the step, so a resumed run reproduces
 the losses of an uninterrupted one.
@@ -26,7 +27,7 @@ from engram.model.lm import EngramLM
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.training.config import TrainConfig, lr_factor
 from engram.training.metrics import MetricsLog, plot_losses
-from engram.training.sparse_adam import SparseRowAdam
+from engram.training.row_optim import RowAdagrad, RowAdam, RowOptimizer
 
 
 def seed_everything(seed: int) -> None:
@@ -45,12 +46,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def table_parameters(model: EngramLM) -> list[nn.Parameter]:
-    """The Engram table weights (updated by the sparse optimizer)."""
-    return [engram.table.weight for engram in model.engram_layers().values()]
+    """The Engram table weights that are model parameters (device tier), which dense optimizers skip."""
+    return [p for table in model.engram_tables() for p in table.parameters(recurse=False)]
 
 
-def build_optimizers(model: EngramLM, config: TrainConfig) -> dict[str, torch.optim.Optimizer]:
-    """``{"tables": SparseRowAdam, "adamw": AdamW, "muon": Muon}`` (only the groups that have parameters).
+def build_table_optimizer(model: EngramLM, config: TrainConfig) -> RowOptimizer:
+    """The sparse row optimizer of the Engram tables: ``RowAdam`` (default) or ``RowAdagrad``."""
+    lr = config.lr * config.table_lr_mult
+    if config.table_optimizer == "adagrad":
+        return RowAdagrad(model.engram_tables(), lr=lr)
+    return RowAdam(model.engram_tables(), lr=lr, betas=config.table_betas, weight_decay=config.table_weight_decay)
+
+
+def build_optimizers(model: EngramLM, config: TrainConfig) -> dict[str, torch.optim.Optimizer | RowOptimizer]:
+    """``{"tables": RowAdam, "adamw": AdamW, "muon": Muon}`` (only the groups that have parameters).
 
     Weight decay applies to the weights of linear and embedding layers, not to norms, biases,
     convolutions or hyper-connection weights. With Muon, the hidden linear weights move to Muon
@@ -69,14 +78,9 @@ def build_optimizers(model: EngramLM, config: TrainConfig) -> dict[str, torch.op
             decay.append(param)
         else:
             no_decay.append(param)
-    optimizers: dict[str, torch.optim.Optimizer] = {}
-    if tables:
-        optimizers["tables"] = SparseRowAdam(
-            table_parameters(model),
-            lr=config.lr * config.table_lr_mult,
-            betas=config.table_betas,
-            weight_decay=config.table_weight_decay,
-        )
+    optimizers: dict[str, torch.optim.Optimizer | RowOptimizer] = {}
+    if model.engram_tables():
+        optimizers["tables"] = build_table_optimizer(model, config)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizers["adamw"] = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=config.betas)
     if muon:

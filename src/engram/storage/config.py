@@ -1,0 +1,95 @@
+"""Which tier a model's Engram tables live in, chosen by config, and the factory that builds them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from engram._json_config import JsonConfig
+from engram.storage.base import TableStorage
+from engram.storage.device import DeviceTable
+from engram.storage.disk import DiskTable
+from engram.storage.offload import HostTable
+
+Tier = Literal["device", "host", "disk"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StorageConfig(JsonConfig):
+    """Where the Engram tables live; every tier gives the same lookups and updates.
+
+    Attributes:
+        tier: ``"device"``: a parameter on the model's device (default); ``"host"``: CPU memory
+            (pinned when CUDA is present), rows copied to the device per batch; ``"disk"``:
+            memory-mapped files, one folder per layer under ``directory``.
+        directory: the disk tier's folder (``layer_<i>/`` inside); a training run defaults it to
+            ``<run>/tables``.
+        cache_mb: hot-row cache per table in MiB (host and disk tiers; 0 disables it).
+        prefetch: fetch each layer's rows in a background thread as soon as a batch is known.
+        journal: disk tier: keep an undo journal so a crash between checkpoints can be rolled back.
+        dtype: of the table rows (``float32``, ``bfloat16``, ``float16``); host and disk tiers only,
+            a device table follows the model's dtype.
+        pin_memory: host tier: page-lock the table (``None``: when CUDA is available).
+    """
+
+    tier: Tier = "device"
+    directory: str | None = None
+    cache_mb: float = 0.0
+    prefetch: bool = True
+    journal: bool = True
+    dtype: str = "float32"
+    pin_memory: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.tier not in ("device", "host", "disk"):
+            raise ValueError(f"storage tier must be 'device', 'host' or 'disk', got {self.tier!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"storage dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not self.cache_mb >= 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_mb * 2**20)
+
+    def layer_directory(self, layer_id: int) -> Path:
+        """The disk tier's folder of layer ``layer_id``."""
+        if self.directory is None:
+            raise ValueError("the disk tier needs storage.directory, the folder that holds the table files")
+        return Path(self.directory) / f"layer_{layer_id:02d}"
+
+
+def build_table(
+    config: StorageConfig, layer_id: int, num_rows: int, dim: int, init_std: float, sparse_grad: bool = True
+) -> TableStorage:
+    """The table of layer ``layer_id`` in the configured tier (a disk table is opened if it exists)."""
+    dtype = DTYPES[config.dtype]
+    if config.tier == "device":
+        return DeviceTable(num_rows, dim, init_std=init_std, sparse_grad=sparse_grad)
+    if config.tier == "host":
+        return HostTable(
+            num_rows,
+            dim,
+            init_std=init_std,
+            dtype=dtype,
+            pin_memory=config.pin_memory,
+            cache_bytes=config.cache_bytes,
+            prefetch=config.prefetch,
+        )
+    # A new disk table draws its seed from the global generator, so seeded runs are reproducible.
+    seed = int(torch.randint(0, 2**62, ()))
+    return DiskTable(
+        config.layer_directory(layer_id),
+        num_rows,
+        dim,
+        init_std=init_std,
+        seed=seed,
+        dtype=dtype,
+        cache_bytes=config.cache_bytes,
+        prefetch=config.prefetch,
+        journal=config.journal,
+    )

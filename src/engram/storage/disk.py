@@ -1,0 +1,203 @@
+"""A table in a memory-mapped file, trained in place, checkpointed without a copy.
+
+A ``DiskTable`` is a folder:
+
+    weight.table      the rows (engram table file: self-describing, checked header, then the rows)
+    <state>.table     one file per optimizer state array (``exp_avg``, ``row_step``, ``sum_sq``, ...)
+    journal.undo      undo journal: old values of the rows changed since the last checkpoint
+
+Reads go through the operating system's page cache and an optional hot-row cache; writes go to
+the mapping (write-through) and reach the file when the kernel writes the pages back or at a flush.
+
+Checkpointing is two-phase and copies nothing. ``prepare_checkpoint(step)`` flushes every array and
+records ``prepared_step`` in the header; the caller then writes its checkpoint folder; then
+``commit_checkpoint(step)`` empties the journal and records ``committed_step``. Before the first
+change after a commit, each changed row's old values go to the journal (fsynced first), so
+``restore_checkpoint(step)`` can always bring the folder back to the last committed step, whatever
+moment a crash struck. Headers are double-buffered, so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from engram.storage.journal import UndoJournal
+from engram.storage.offload import OffloadedTable
+from engram.storage.table_file import TableFile
+
+WEIGHT_FILE = "weight.table"
+JOURNAL_FILE = "journal.undo"
+STATE_SUFFIX = ".table"
+
+
+class TableStateError(RuntimeError):
+    """A disk table cannot be brought back to the state a checkpoint needs."""
+
+
+class DiskTable(OffloadedTable):
+    """Table rows (and optimizer state) in memory-mapped files under ``directory``.
+
+    Opens the table in ``directory`` if there is one (checking its shape and dtype), else creates
+    it with rows ~ N(0, init_std^2) drawn from a generator seeded with ``seed``.
+
+    Args:
+        directory: the table's folder.
+        num_rows, dim, dtype: expected shape and dtype (None: whatever the existing file holds).
+        init_std, seed: initial rows of a new table.
+        cache_bytes: hot-row cache size in bytes (0: none).
+        prefetch: fetch rows in a background thread when the model announces a batch.
+        journal: keep an undo journal so that a crash between checkpoints can be rolled back;
+            without it a table changed after its last checkpoint cannot be restored.
+        writable: open for training (False: inference only, the files are mapped read-only).
+    """
+
+    persists_itself = True
+
+    def __init__(
+        self,
+        directory: str | Path,
+        num_rows: int | None = None,
+        dim: int | None = None,
+        init_std: float = 1.0,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        cache_bytes: int = 0,
+        prefetch: bool = True,
+        journal: bool = True,
+        writable: bool = True,
+    ):
+        self.directory = Path(directory)
+        weight_path = self.directory / WEIGHT_FILE
+        if weight_path.exists():
+            weight_file = TableFile.open(weight_path, writable=writable)
+            expected = (num_rows or weight_file.num_rows, dim or weight_file.dim, dtype or weight_file.dtype)
+            found = (weight_file.num_rows, weight_file.dim, weight_file.dtype)
+            if found != expected:
+                weight_file.close()
+                raise ValueError(
+                    f"{weight_path} holds a ({found[0]}, {found[1]}) {found[2]} table, but ({expected[0]}, "
+                    f"{expected[1]}) {expected[2]} was asked for; use another folder or convert the table"
+                )
+        else:
+            if num_rows is None or dim is None:
+                raise FileNotFoundError(f"no table at {weight_path}; give num_rows and dim to create one")
+            if not writable:
+                raise FileNotFoundError(f"no table at {weight_path} to open read-only")
+            self.directory.mkdir(parents=True, exist_ok=True)
+            weight_file = TableFile.create(
+                weight_path,
+                num_rows,
+                dim,
+                dtype or torch.float32,
+                init_std=init_std,
+                seed=seed,
+                metadata={"committed_step": None, "prepared_step": None, "dirty": False},
+            )
+        self.weight_file = weight_file
+        self.writable = writable
+        super().__init__(weight_file.tensor, cache_bytes=cache_bytes, prefetch=prefetch)
+        self._state_files: dict[str, TableFile] = {}
+        for path in sorted(self.directory.glob(f"*{STATE_SUFFIX}")):
+            if path.name != WEIGHT_FILE:
+                self._open_state(path.name.removesuffix(STATE_SUFFIX))
+        self.use_journal = journal
+        self._journal: UndoJournal | None = None
+
+    # -- files ----------------------------------------------------------------------------------------
+    def _open_state(self, name: str) -> torch.Tensor:
+        state_file = TableFile.open(self.directory / f"{name}{STATE_SUFFIX}", writable=self.writable)
+        if state_file.num_rows != self.num_rows:
+            raise ValueError(f"{state_file.path} has {state_file.num_rows} rows, the table {self.num_rows}")
+        self._state_files[name] = state_file
+        shape = state_file.metadata.get("row_shape", [state_file.dim])
+        tensor = state_file.tensor.view(self.num_rows, *shape)
+        self._row_states[name] = tensor
+        return tensor
+
+    def _new_row_state(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self._journal is not None and self._journal.pending_rows:
+            raise RuntimeError(f"cannot add row state {name!r} to {self.directory} between checkpoints")
+        width = 1
+        for size in row_shape:
+            width *= size
+        TableFile.create(
+            self.directory / f"{name}{STATE_SUFFIX}",
+            self.num_rows,
+            width,
+            dtype,
+            metadata={"row_shape": list(row_shape)},
+        ).close()
+        self._journal = None  # rebuilt over the new set of arrays
+        return self._open_state(name)
+
+    def _arrays(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, **self._row_states}
+
+    def journal(self) -> UndoJournal:
+        if self._journal is None:
+            self._journal = UndoJournal(self.directory / JOURNAL_FILE, self._arrays())
+        return self._journal
+
+    @property
+    def metadata(self) -> dict:
+        """The checkpoint bookkeeping in the weight file's header."""
+        return self.weight_file.metadata
+
+    def _set_metadata(self, **changes) -> None:
+        self.weight_file.set_metadata({**self.weight_file.metadata, **changes})
+
+    # -- writes -----------------------------------------------------------------------------------------
+    def begin_update(self, rows: torch.Tensor) -> None:
+        if not self.writable:
+            raise RuntimeError(f"the table at {self.directory} was opened read-only (writable=False)")
+        if not self.metadata.get("dirty"):  # first change since the last commit: say so, durably
+            self._set_metadata(dirty=True)
+        if self.use_journal:
+            self.journal().protect(rows)
+
+    def flush(self) -> None:
+        for table_file in (self.weight_file, *self._state_files.values()):
+            table_file.flush()
+
+    def prepare_checkpoint(self, step: int) -> None:
+        self.flush()
+        self._set_metadata(prepared_step=step)
+
+    def commit_checkpoint(self, step: int) -> None:
+        if self.use_journal:
+            self.journal().commit()
+        self._set_metadata(committed_step=step, prepared_step=None, dirty=False)
+
+    def restore_checkpoint(self, step: int) -> None:
+        meta = self.metadata
+        if meta.get("prepared_step") == step:  # the crash came after the checkpoint folder, before the commit
+            self.commit_checkpoint(step)
+            return
+        if meta.get("committed_step") != step:
+            raise TableStateError(
+                f"the disk table at {self.directory} holds the state of step {meta.get('committed_step')}, not of "
+                f"checkpoint step {step}; a disk table can only return to its latest checkpoint"
+            )
+        if not meta.get("dirty"):
+            return
+        if not self.use_journal and not (self.directory / JOURNAL_FILE).exists():
+            raise TableStateError(
+                f"the disk table at {self.directory} changed after checkpoint step {step} and keeps no undo journal, "
+                "so it cannot be restored; train with the journal on, or start from the table as it is"
+            )
+        self.journal().rollback()
+        self.flush()
+        if self.cache is not None:
+            self.cache.clear()
+        self.commit_checkpoint(step)
+
+    def close(self) -> None:
+        """Flush and unmap the files; the table cannot be used afterwards."""
+        self.flush()
+        for table_file in (self.weight_file, *self._state_files.values()):
+            table_file.close()
+
+    def extra_repr(self) -> str:
+        return f"directory={str(self.directory)!r}, {super().extra_repr()}"

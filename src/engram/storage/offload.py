@@ -1,0 +1,166 @@
+"""Tables off the accelerator: rows live in CPU memory (``HostTable``) or a file (``DiskTable``).
+
+A lookup takes the distinct rows of a batch, gathers them on the CPU (through the hot-row cache
+if there is one), copies the (U, dim) block to the device of the indices and expands it there.
+The block is a leaf of the autograd graph, so backward leaves the gradient of the distinct rows
+only, which the sparse optimizer takes with ``take_row_grad`` and applies in the tier.
+
+Shapes: U distinct rows of a lookup, D = dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from engram.storage.base import TableStorage
+from engram.storage.prefetch import FetchedRows, PendingRows
+from engram.storage.row_cache import RowCache
+
+
+class OffloadedTable(TableStorage):
+    """Rows in a CPU tensor (in memory or memory-mapped), fetched to the compute device per lookup.
+
+    The weight is deliberately neither a parameter nor a buffer: ``model.to("cuda")`` must not
+    move it, and dense optimizers must not see it.
+
+    Args:
+        weight: (R, D) CPU tensor holding the rows.
+        cache_bytes: size of the hot-row cache in bytes (0: none).
+        prefetch: fetch rows in a background thread when the model announces a batch.
+    """
+
+    def __init__(self, weight: torch.Tensor, cache_bytes: int = 0, prefetch: bool = True):
+        if weight.dim() != 2 or weight.device.type != "cpu":
+            raise ValueError(f"an offloaded table needs a 2-D CPU tensor, got {tuple(weight.shape)} on {weight.device}")
+        super().__init__(weight.shape[0], weight.shape[1])
+        self.weight = weight
+        self.cache = RowCache(cache_bytes, self.dim, weight.dtype) if cache_bytes > 0 else None
+        self.prefetch_enabled = prefetch
+        self._grad_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    # -- reading -----------------------------------------------------------------------------------
+    def fetch(self, indices: torch.Tensor) -> FetchedRows:
+        """The distinct rows of ``indices`` (any shape), gathered and moved to the indices' device."""
+        rows, inverse = torch.unique(indices.reshape(-1), sorted=True, return_inverse=True)
+        rows = self.check_rows(rows.cpu())
+        # Gather straight into pinned memory when the rows go to a GPU, so the copy can be asynchronous.
+        staged = torch.empty(rows.numel(), self.dim, dtype=self.weight.dtype, pin_memory=indices.is_cuda)
+        if self.cache is None:
+            torch.index_select(self.weight, 0, rows, out=staged)
+        else:
+            hit, cached = self.cache.lookup(rows)
+            staged[hit] = cached
+            missed = rows[~hit]
+            values = self.weight.index_select(0, missed)
+            staged[~hit] = values
+            self.cache.admit(missed, values)
+        values = staged.to(indices.device, non_blocking=True)
+        return FetchedRows(rows, inverse.view(indices.shape), values)
+
+    def prefetch(self, indices: torch.Tensor) -> PendingRows | None:
+        return PendingRows(indices, self.fetch) if self.prefetch_enabled else None
+
+    def lookup(self, indices: torch.Tensor, prefetched: PendingRows | None = None) -> torch.Tensor:
+        fetched = prefetched.result(indices) if prefetched is not None else self.fetch(indices)
+        values = fetched.values  # (U, D)
+        if self.training and torch.is_grad_enabled():
+            values = values.detach().requires_grad_()
+            self._grad_rows.append((fetched.rows, values))
+        return F.embedding(fetched.inverse, values, sparse=True)  # (*indices.shape, D)
+
+    @torch.no_grad()
+    def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight.index_select(0, self.check_rows(rows).cpu())
+
+    # -- writing -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        rows = self.check_rows(rows).cpu()
+        self._check_values(rows, values)
+        values = values.to(device="cpu", dtype=self.weight.dtype)
+        self.weight.index_copy_(0, rows, values)
+        if self.cache is not None:
+            self.cache.update(rows, values)
+
+    def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # Each lookup's leaf holds a sparse gradient with one entry per looked-up index; mapping the
+        # entries to table rows and coalescing them once sums them in the same order as a device
+        # table's sparse gradient does, so every tier computes bit-identical updates.
+        entries = [(rows, values.grad) for rows, values in self._grad_rows if values.grad is not None]
+        self._grad_rows = []
+        if not entries:
+            return None
+        device = entries[0][1].device
+        positions = torch.cat([rows.to(device)[grad._indices()[0]] for rows, grad in entries])
+        grads = torch.cat([grad._values() for _, grad in entries])
+        shape = (self.num_rows, self.dim)  # positions are in range by construction
+        summed = torch.sparse_coo_tensor(positions.unsqueeze(0), grads, shape, check_invariants=False).coalesce()
+        return summed.indices()[0].cpu(), summed.values().cpu()
+
+    def zero_row_grad(self) -> None:
+        # Lookups whose backward has not run yet keep their place: training loops commonly zero the
+        # gradients between the forward and the backward pass.
+        self._grad_rows = [(rows, values) for rows, values in self._grad_rows if values.grad is None]
+
+    def extra_repr(self) -> str:
+        cache = f", cache_rows={self.cache.num_slots}" if self.cache is not None else ""
+        return f"{super().extra_repr()}, dtype={self.weight.dtype}, prefetch={self.prefetch_enabled}{cache}"
+
+
+class HostTable(OffloadedTable):
+    """Table rows in host memory; the model and its activations may sit on a GPU.
+
+    Rows start as N(0, init_std^2) from the global generator, exactly like a ``DeviceTable`` of the
+    same shape built at the same point, and the weight is saved in the model's ``state_dict`` under
+    the same key, so checkpoints move between the two tiers unchanged.
+
+    Args:
+        num_rows, dim: table shape.
+        init_std: standard deviation of the initial rows.
+        dtype: of the rows.
+        pin_memory: page-lock the rows for fast copies (default: when CUDA is available).
+        cache_bytes, prefetch: as in ``OffloadedTable``.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        init_std: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        pin_memory: bool | None = None,
+        cache_bytes: int = 0,
+        prefetch: bool = True,
+    ):
+        if num_rows < 1 or dim < 1:
+            raise ValueError(f"a table needs num_rows >= 1 and dim >= 1, got ({num_rows}, {dim})")
+        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+        weight = torch.empty(num_rows, dim, dtype=dtype, pin_memory=pin)
+        torch.nn.init.normal_(weight, std=init_std)
+        super().__init__(weight, cache_bytes=cache_bytes, prefetch=prefetch)
+
+    def _new_row_state(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(self.num_rows, *row_shape, dtype=dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        key = prefix + "weight"
+        if key in state_dict:
+            value = state_dict[key]
+            if value.shape != self.weight.shape:
+                errors.append(
+                    f"size mismatch for {key}: checkpoint {tuple(value.shape)}, table {tuple(self.weight.shape)}"
+                )
+            else:
+                with torch.no_grad():
+                    self.weight.copy_(value)
+                if self.cache is not None:
+                    self.cache.clear()
+        elif strict:
+            missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k != key}  # the base class would call "weight" unexpected
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)

@@ -1,0 +1,155 @@
+"""Sparse row optimizers over ``TableStorage`` tables, with their state in the table's own tier.
+
+A step takes each table's gradient rows (``take_row_grad``: U distinct rows and their summed
+gradient), gathers those rows of the weight and of the state arrays, updates them and writes them
+back. The state arrays come from ``table.row_state``, so they sit where the table sits: device
+memory, host memory, or files next to a disk table. The cost of a step follows U, never the table.
+
+- ``RowAdam``: Adam(W) with a step count per row (``SparseRowAdam``'s rule; the paper's choice).
+- ``RowAdagrad``: row-wise Adagrad, one float of state per row instead of two per element, for
+  tables whose Adam moments would not fit the tier::
+
+      s_r = s_r + mean(g_r^2)            (one scalar per row)
+      p_r = p_r - lr * g_r / (sqrt(s_r) + eps)
+
+Both expose ``param_groups`` (one group, with ``lr``), ``zero_grad``, ``step``, ``state_dict`` and
+``load_state_dict`` like ``torch.optim`` optimizers, so schedules and checkpoints treat them alike.
+The state of tables that persist themselves (``DiskTable``) stays in their files and is not part of
+``state_dict``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from engram.storage.base import TableStorage
+from engram.training.sparse_adam import _check_hyperparameters, adam_rows
+
+
+class RowOptimizer(ABC):
+    """Base: one parameter group of hyper-parameters applied to every table."""
+
+    def __init__(self, tables: Sequence[TableStorage], **hyper: Any):
+        tables = list(tables)
+        for table in tables:
+            if not isinstance(table, TableStorage):
+                raise TypeError(f"row optimizers take TableStorage tables, got {type(table).__name__}")
+        self.tables = tables
+        self.param_groups = [dict(hyper)]
+        for table in tables:  # allocate the state now: a disk table's journal must cover it from the start
+            self._state(table)
+
+    @abstractmethod
+    def _state(self, table: TableStorage) -> dict[str, torch.Tensor]:
+        """The table's state arrays, allocated in its tier on first use."""
+
+    @abstractmethod
+    def _update(self, table: TableStorage, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update rows (U,) of ``table`` given their gradient (U, D)."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for table in self.tables:
+            table.zero_row_grad()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update the looked-up rows of every table that received a gradient."""
+        for table in self.tables:
+            taken = table.take_row_grad()
+            if taken is None or taken[0].numel() == 0:
+                continue
+            rows, grad = taken
+            table.begin_update(rows)
+            self._update(table, rows, grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyper-parameters, and the state arrays of the tables that do not persist themselves."""
+        state = {i: dict(self._state(table)) for i, table in enumerate(self.tables) if not table.persists_itself}
+        return {"param_groups": [dict(group) for group in self.param_groups], "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["state"]
+        expected = {i for i, table in enumerate(self.tables) if not table.persists_itself}
+        if set(saved) != expected:
+            raise ValueError(f"optimizer state holds tables {sorted(saved)}, this optimizer has {sorted(expected)}")
+        for i, arrays in saved.items():
+            current = self._state(self.tables[i])
+            if set(arrays) != set(current):
+                raise ValueError(f"table {i}: saved state {sorted(arrays)}, expected {sorted(current)}")
+            for name, value in arrays.items():
+                if value.shape != current[name].shape:
+                    raise ValueError(
+                        f"table {i} state {name}: saved {tuple(value.shape)}, table {tuple(current[name].shape)}"
+                    )
+                current[name].copy_(value)
+        self.param_groups = [dict(group) for group in state_dict["param_groups"]]
+
+
+class RowAdam(RowOptimizer):
+    """Adam(W) on the looked-up rows, with a per-row step count (see ``SparseRowAdam``).
+
+    State per table: ``exp_avg`` and ``exp_avg_sq`` (R, D) in the table's dtype, ``row_step`` (R,) int64.
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[TableStorage],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
+        _check_hyperparameters({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        super().__init__(tables, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    def _state(self, table: TableStorage) -> dict[str, torch.Tensor]:
+        return {
+            "exp_avg": table.row_state("exp_avg", (table.dim,), table.dtype),
+            "exp_avg_sq": table.row_state("exp_avg_sq", (table.dim,), table.dtype),
+            "row_step": table.row_state("row_step", (), torch.int64),
+        }
+
+    def _update(self, table: TableStorage, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        state = self._state(table)
+        rows = rows.to(state["row_step"].device)
+        param, m, v, step = adam_rows(
+            table.read_rows(rows),
+            grad.to(state["exp_avg"].device),
+            state["exp_avg"].index_select(0, rows),
+            state["exp_avg_sq"].index_select(0, rows),
+            state["row_step"].index_select(0, rows),
+            self.param_groups[0],
+        )
+        state["row_step"].index_copy_(0, rows, step)
+        state["exp_avg"].index_copy_(0, rows, m.to(state["exp_avg"].dtype))
+        state["exp_avg_sq"].index_copy_(0, rows, v.to(state["exp_avg_sq"].dtype))
+        table.write_rows(rows, param)
+
+
+class RowAdagrad(RowOptimizer):
+    """Row-wise Adagrad: one float32 of state per row (``sum_sq`` (R,)), for tables too big for Adam's moments."""
+
+    def __init__(self, tables: Sequence[TableStorage], lr: float = 1e-2, eps: float = 1e-8):
+        if not lr >= 0.0:
+            raise ValueError(f"learning rate must be >= 0, got lr={lr}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, got eps={eps}")
+        super().__init__(tables, lr=lr, eps=eps)
+
+    def _state(self, table: TableStorage) -> dict[str, torch.Tensor]:
+        return {"sum_sq": table.row_state("sum_sq", (), torch.float32)}
+
+    def _update(self, table: TableStorage, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        sum_sq = self._state(table)["sum_sq"]
+        rows = rows.to(sum_sq.device)
+        group = self.param_groups[0]
+        g = grad.to(device=sum_sq.device, dtype=torch.float32)  # (U, D)
+        s = sum_sq.index_select(0, rows).add_(g.square().mean(dim=1))  # (U,)
+        sum_sq.index_copy_(0, rows, s)
+        param = table.read_rows(rows).float()
+        param.sub_(g / (s.sqrt().add_(group["eps"])).unsqueeze(1) * group["lr"])
+        table.write_rows(rows, param)

@@ -1,0 +1,302 @@
+"""Table files: layout on disk, crash-safe header updates, deterministic initialisation and refusals.
+
+The on-disk checks read the file with plain ``open()`` and numpy, independently of TableFile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from engram.storage import table_file
+from engram.storage.table_file import TableFile, TableFileError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+RAW_DTYPE = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<u2"}
+
+
+def read_slot(path, slot: int) -> tuple[int, int, dict, bool]:
+    """(version, seq, header JSON, checksum ok) of a header slot, parsed from the raw bytes."""
+    with open(path, "rb") as f:
+        f.seek(slot * 4096)
+        raw = f.read(4096)
+    assert raw[:8] == b"ENGRAMTB"
+    version, length, seq = struct.unpack_from("<IIQ", raw, 8)
+    header = json.loads(raw[24 : 24 + length])
+    assert raw[24 + length : 4064] == bytes(4064 - 24 - length)  # zero padding
+    return version, seq, header, hashlib.sha256(raw[:4064]).digest() == raw[4064:]
+
+
+def write_slot(path, slot: int, header: dict, seq: int, version: int = 1) -> None:
+    """Write a header slot with a valid checksum, built from the documented layout."""
+    data = json.dumps(header).encode()
+    body = b"ENGRAMTB" + struct.pack("<IIQ", version, len(data), seq) + data
+    body += bytes(4064 - len(body))
+    with open(path, "r+b") as f:
+        f.seek(slot * 4096)
+        f.write(body + hashlib.sha256(body).digest())
+
+
+def raw_data(path, shape, dtype) -> np.ndarray:
+    with open(path, "rb") as f:
+        f.seek(8192)
+        return np.frombuffer(f.read(), dtype=RAW_DTYPE[dtype]).reshape(shape)
+
+
+def flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_round_trip_layout_and_values_on_disk(tmp_path, dtype):
+    path = tmp_path / "t.engram"
+    meta = {"layer": 3, "name": "a", "nested": {"x": [1, 2.5]}}
+    with TableFile.create(path, 6, 4, dtype, metadata=meta) as table:
+        assert table.tensor.shape == (6, 4) and table.tensor.dtype == dtype
+        assert table.nbytes == 24 * table.tensor.element_size()
+        # multiples of 1/4 are exact in every dtype, so the expected bits can be computed from float32
+        values = torch.arange(24, dtype=torch.float32).view(6, 4) * 0.25 - 2
+        table.tensor[:] = values.to(dtype)
+        table.tensor[5, 1] = 100.0
+        values[5, 1] = 100.0
+        table.flush()
+        assert os.path.getsize(path) == 8192 + table.nbytes
+
+        raw = raw_data(path, (6, 4), dtype)
+        if dtype == torch.bfloat16:  # bfloat16 is the top half of a float32
+            expected = (values.numpy().view(np.uint32) >> 16).astype(np.uint16)
+            assert np.array_equal(raw, expected)
+        else:
+            assert np.array_equal(raw.astype(np.float32), values.numpy())
+
+    for slot in (0, 1):
+        version, _, header, ok = read_slot(path, slot)
+        assert ok and version == 1
+        assert header == {"num_rows": 6, "dim": 4, "dtype": str(dtype).removeprefix("torch."), "metadata": meta}
+
+    with TableFile.open(path) as table:
+        assert (table.num_rows, table.dim, table.dtype, table.writable) == (6, 4, dtype, False)
+        assert table.metadata == meta
+        assert torch.equal(table.tensor.float(), values)
+
+
+def test_init_is_deterministic_independent_of_chunking_and_has_the_right_std(tmp_path):
+    def make(name, **kw):
+        with TableFile.create(tmp_path / name, 97, 48, init_std=0.02, **kw):
+            pass
+        return (tmp_path / name).read_bytes()[8192:]
+
+    a, chunked, other = make("a", seed=5), make("b", seed=5, chunk_rows=7), make("c", seed=6)
+    assert a == chunked
+    assert a != other
+    values = np.frombuffer(a, dtype="<f4")
+    assert abs(values.std() - 0.02) < 0.001  # 4656 values: the std is within ~2% of 0.02
+    assert abs(values.mean()) < 0.0015
+    assert np.corrcoef(values, np.frombuffer(other, dtype="<f4"))[0, 1] < 0.1
+
+    # bfloat16 holds the rounded float32 values of the same seed
+    with TableFile.create(tmp_path / "h", 97, 48, torch.bfloat16, init_std=0.02, seed=5) as half:
+        assert torch.equal(half.tensor, torch.from_numpy(values.copy()).view(97, 48).to(torch.bfloat16))
+
+
+def test_chunks_cross_the_random_blocks(tmp_path, monkeypatch):
+    # small blocks, so that chunks of 7 rows start and end inside blocks and span several of them
+    monkeypatch.setattr(table_file, "_RNG_BLOCK", 50)
+    with (
+        TableFile.create(tmp_path / "a", 40, 9, init_std=1.0) as a,
+        TableFile.create(tmp_path / "b", 40, 9, init_std=1.0, chunk_rows=7) as b,
+    ):
+        assert torch.equal(a.tensor, b.tensor)
+        assert len(torch.unique(a.tensor)) == 360  # no block repeated
+
+
+def test_zeros_are_created_sparse(tmp_path):
+    path = tmp_path / "z"
+    with TableFile.create(path, 4096, 4096) as table:  # 64 MiB
+        assert table.tensor[::511].abs().max() == 0
+    st = os.stat(path)
+    assert st.st_size == 8192 + 4096 * 4096 * 4
+    assert st.st_blocks * 512 < 1 << 20  # nearly nothing allocated
+    assert raw_data(path, (4096, 4096), torch.float32)[::97].max() == 0
+
+
+def test_metadata_update_writes_the_other_slot_and_survives_a_torn_write(tmp_path):
+    path = tmp_path / "t"
+    TableFile.create(path, 3, 2, metadata={"step": 0}).close()
+    assert [read_slot(path, s)[1] for s in (0, 1)] == [1, 0]
+    slot0 = path.read_bytes()[:4096]
+
+    with TableFile.open(path, writable=True) as table:
+        table.set_metadata({"step": 1})
+        assert path.read_bytes()[:4096] == slot0  # the current slot is left alone
+        assert read_slot(path, 1)[1:3] == (2, {"num_rows": 3, "dim": 2, "dtype": "float32", "metadata": {"step": 1}})
+        table.set_metadata({"step": 2})
+        assert read_slot(path, 0)[1] == 3
+    with TableFile.open(path) as table:
+        assert table.metadata == {"step": 2}
+
+    flip_byte(path, 40)  # tear slot 0, just written: the previous header in slot 1 is used
+    with TableFile.open(path, writable=True) as table:
+        assert table.metadata == {"step": 1}
+        table.set_metadata({"step": 3})  # goes to the damaged slot, repairing it
+    assert read_slot(path, 0)[1:] == (3, {"num_rows": 3, "dim": 2, "dtype": "float32", "metadata": {"step": 3}}, True)
+    with TableFile.open(path) as table:
+        assert table.metadata == {"step": 3}
+
+
+def test_damaged_and_foreign_files_are_refused(tmp_path):
+    path = tmp_path / "t"
+    TableFile.create(path, 5, 3).close()
+    good = path.read_bytes()
+
+    flip_byte(path, 100)
+    flip_byte(path, 4096 + 4000)
+    with pytest.raises(TableFileError, match="header damaged"):
+        TableFile.open(path)
+
+    path.write_bytes(good[:-1])
+    with pytest.raises(TableFileError, match=r"truncated: expected 8252 bytes from the header .*, found 8251"):
+        TableFile.open(path)
+    path.write_bytes(good + b"\0")
+    with pytest.raises(TableFileError, match="too long"):
+        TableFile.open(path)
+
+    foreign = tmp_path / "f"
+    foreign.write_bytes(np.random.default_rng(0).bytes(10000))
+    with pytest.raises(TableFileError, match="not an engram table file"):
+        TableFile.open(foreign)
+    foreign.write_text("hello\n")
+    with pytest.raises(TableFileError, match="not an engram table file"):
+        TableFile.open(foreign)
+    foreign.write_bytes(good[:5000])
+    with pytest.raises(TableFileError, match="shorter than the 8192-byte header"):
+        TableFile.open(foreign)
+    with pytest.raises(FileNotFoundError):
+        TableFile.open(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("header", "version", "message"),
+    [
+        ({"num_rows": 5, "dim": 3, "dtype": "float32", "metadata": {}}, 2, "written by a newer version"),
+        ({"num_rows": 5, "dim": 3, "dtype": "int8", "metadata": {}}, 1, "unknown dtype 'int8'"),
+        ({"num_rows": 5, "dim": 3, "dtype": "float32"}, 1, "keys"),
+        ({"num_rows": "5", "dim": 3, "dtype": "float32", "metadata": {}}, 1, "num_rows must be an integer"),
+        ({"num_rows": 5, "dim": 3, "dtype": "float32", "metadata": []}, 1, "metadata must be a JSON object"),
+        ([5, 3], 1, "JSON object"),
+    ],
+)
+def test_bad_headers_are_refused(tmp_path, header, version, message):
+    path = tmp_path / "t"
+    TableFile.create(path, 5, 3).close()
+    write_slot(path, 0, header, seq=1, version=version)
+    write_slot(path, 1, header, seq=0, version=version)
+    with pytest.raises(TableFileError, match=message):
+        TableFile.open(path)
+
+
+def test_slots_disagreeing_on_shape_are_refused(tmp_path):
+    path = tmp_path / "t"
+    TableFile.create(path, 5, 3).close()
+    write_slot(path, 1, {"num_rows": 3, "dim": 5, "dtype": "float32", "metadata": {}}, seq=0)
+    with pytest.raises(TableFileError, match="disagree"):
+        TableFile.open(path)
+
+
+def test_read_only_open_cannot_write(tmp_path):
+    path = tmp_path / "t"
+    TableFile.create(path, 4, 2).close()
+    with TableFile.open(path) as table, pytest.raises(TableFileError, match="read-only"):
+        table.set_metadata({"a": 1})
+    # the mapping is read-only: a write through the tensor is a memory fault, so test it in a child process
+    code = (
+        "import sys; from engram.storage.table_file import TableFile\n"
+        "t = TableFile.open(sys.argv[1]); print('opened', flush=True); t.tensor[0, 0] = 1.0\n"
+    )
+    child = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert child.stdout == "opened\n"
+    assert child.returncode < 0  # killed by a signal (a segmentation fault), not a Python error
+    assert raw_data(path, (4, 2), torch.float32).max() == 0
+
+
+def test_create_refuses_bad_arguments_and_existing_files(tmp_path):
+    path = tmp_path / "t"
+    for kwargs, message in [
+        ({"num_rows": 0}, "num_rows must be an integer >= 1"),
+        ({"dim": 2.0}, "dim must be an integer >= 1"),
+        ({"dtype": torch.int32}, "not supported"),
+        ({"init_std": -1.0}, "init_std must be a finite number >= 0"),
+        ({"init_std": float("nan")}, "init_std"),
+        ({"metadata": {"x": object()}}, "JSON-serialisable"),
+        ({"metadata": {"x": "a" * 5000}}, "more than the 4040 a header slot holds"),
+        ({"chunk_rows": 0}, "chunk_rows"),
+    ]:
+        args = {"num_rows": 4, "dim": 2, **kwargs}
+        with pytest.raises(TableFileError, match=message):
+            TableFile.create(path, **args)
+    assert list(tmp_path.iterdir()) == []
+
+    TableFile.create(path, 4, 2, init_std=1.0).close()
+    before = path.read_bytes()
+    with pytest.raises(TableFileError, match="already exists; pass overwrite=True"):
+        TableFile.create(path, 8, 2)
+    assert path.read_bytes() == before
+    with TableFile.create(path, 8, 2, overwrite=True) as table:
+        assert table.num_rows == 8
+    assert os.path.getsize(path) == 8192 + 64
+
+
+def test_failed_create_leaves_nothing_behind(tmp_path, monkeypatch):
+    path = tmp_path / "t"
+    TableFile.create(path, 4, 2, metadata={"old": True}).close()
+    before = path.read_bytes()
+    calls = []
+
+    def failing_take(self, start, stop):
+        calls.append(start)
+        if len(calls) % 3 == 0:
+            raise OSError("disk full")
+        return torch.zeros(stop - start)
+
+    monkeypatch.setattr(table_file._NormalStream, "take", failing_take)
+    with pytest.raises(OSError, match="disk full"):
+        TableFile.create(path, 100, 2, init_std=1.0, chunk_rows=10, overwrite=True)
+    assert len(calls) == 3  # it failed midway through writing
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]
+    assert path.read_bytes() == before  # the old table is untouched
+    with pytest.raises(OSError, match="disk full"):
+        TableFile.create(tmp_path / "new", 100, 2, init_std=1.0, chunk_rows=10)
+    assert [p.name for p in tmp_path.iterdir()] == ["t"]
+
+
+def test_evict_page_cache_keeps_unflushed_writes(tmp_path):
+    path = tmp_path / "t"
+    with TableFile.create(path, 64, 16, init_std=1.0) as table:
+        table.tensor[3] = 42.0  # not flushed yet: eviction must write it first, not drop it
+        expected = table.tensor.clone()
+        table.evict_page_cache()
+        assert torch.equal(table.tensor, expected)
+    assert np.array_equal(raw_data(path, (64, 16), torch.float32), expected.numpy())
+
+
+def test_closed_table_and_views_outliving_it(tmp_path):
+    table = TableFile.create(tmp_path / "t", 4, 2, init_std=1.0)
+    view = table.tensor
+    expected = view.clone()
+    table.close()
+    table.close()  # closing twice is harmless
+    with pytest.raises(TableFileError, match="closed"):
+        _ = table.tensor
+    assert torch.equal(view, expected)  # a view taken before close keeps the mapping alive
