@@ -170,3 +170,34 @@ def test_quick_demo_writes_the_table_and_the_pictures(tmp_path):
     assert all(r["val_loss"] > 0 and r["val_bpb"] > 0 for r in results.values())
     for picture in ("loss_curves.png", "gate_heatmap.png"):
         assert (tmp_path / "demo" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tables_move_between_tiers_without_changing_the_run(workspace):
+    """Train on disk, convert to the device, resume, convert back to disk, resume: the losses are those of a
+    run that never left the disk."""
+    root = workspace["root"]
+    straight, moved = root / "straight", root / "moved"
+    constant = ("--set", "train.schedule=constant")  # so that a run grown in three parts has the same learning rates
+    assert _train(workspace, straight, 9, *constant, "--set", "storage.tier=disk").returncode == 0
+
+    first = _train(workspace, moved, 3, *constant, "--set", "storage.tier=disk")
+    assert first.returncode == 0, first.stderr
+    info = _engram("tables", "info", moved / "tables", cache=root)
+    assert info.returncode == 0, info.stderr
+    assert "layer_01" in info.stdout and "'committed_step': 3" in info.stdout and "row_step.table" in info.stdout
+
+    to_device = _engram("tables", "convert", moved, "--to", "device", cache=root)
+    assert to_device.returncode == 0, to_device.stderr
+    assert json.loads((moved / "run.json").read_text())["storage"]["tier"] == "device"
+    assert _train(workspace, moved, 6, *constant).returncode == 0
+    again = _engram("tables", "convert", moved, "--to", "disk", "--directory", moved / "tables", cache=root)
+    assert again.returncode == 2 and "is not empty" in again.stderr  # the old table files are still there
+    to_disk = _engram("tables", "convert", moved, "--to", "disk", "--directory", moved / "tables2", cache=root)
+    assert to_disk.returncode == 0, to_disk.stderr
+    assert _train(workspace, moved, 9, *constant).returncode == 0
+
+    def losses(run: Path) -> list[float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r]
+
+    assert len(losses(straight)) == 9 and losses(moved) == losses(straight)

@@ -9,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from engram.cli import data, demo, evaluate, generate, inspect, params, train
+from engram.cli import data, demo, evaluate, generate, inspect, params, tables, train
 
 # In workflow order: what `engram --help` lists.
-COMMANDS = (data, train, evaluate, generate, inspect, params, demo)
+COMMANDS = (data, train, evaluate, generate, inspect, params, tables, demo)
 
 EXIT_USAGE = 2
 
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (FileNotFoundError, ValueError, TypeError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as exc:
         print(f"engram {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

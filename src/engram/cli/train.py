@@ -10,7 +10,7 @@ from engram.cli._options import add_tokenizer_option
 from engram.model.config import ModelConfig
 from engram.storage.config import StorageConfig
 from engram.training.config import TrainConfig
-from engram.training.run import RunSpec, apply_overrides, start_run
+from engram.training.run import SPEC_FILE, RunSpec, apply_overrides, start_run
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -48,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     model = ModelConfig.load(args.model)
     train = TrainConfig.load(args.train) if args.train is not None else TrainConfig()
     storage = StorageConfig.load(args.storage) if args.storage is not None else StorageConfig()
+    storage_given = args.storage is not None or any(item.startswith("storage.") for item in args.overrides)
+    if not storage_given and (args.out / SPEC_FILE).is_file():  # resuming: the tables stay where the run keeps them
+        storage = RunSpec.from_json((args.out / SPEC_FILE).read_text()).storage
     tree = {"model": model.to_dict(), "train": train.to_dict(), "storage": storage.to_dict()}
     tree = apply_overrides(tree, args.overrides)
     if not (args.data / "manifest.json").is_file():

@@ -15,6 +15,7 @@ from engram.storage.disk import DiskTable
 from engram.storage.offload import HostTable
 
 Tier = Literal["device", "host", "disk"]
+LAYER_FOLDER = "layer_{:02d}"  # the disk tier's folder of one layer's table, inside StorageConfig.directory
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,7 +61,7 @@ class StorageConfig(JsonConfig):
         """The disk tier's folder of layer ``layer_id``."""
         if self.directory is None:
             raise ValueError("the disk tier needs storage.directory, the folder that holds the table files")
-        return Path(self.directory) / f"layer_{layer_id:02d}"
+        return Path(self.directory) / LAYER_FOLDER.format(layer_id)
 
 
 def build_table(

@@ -32,7 +32,7 @@ JOURNAL_FILE = "journal.undo"
 STATE_SUFFIX = ".table"
 
 
-class TableStateError(RuntimeError):
+class TableStateError(ValueError):
     """A disk table cannot be brought back to the state a checkpoint needs."""
 
 
@@ -192,6 +192,36 @@ class DiskTable(OffloadedTable):
         if self.cache is not None:
             self.cache.clear()
         self.commit_checkpoint(step)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        directory: str | Path,
+        weight: torch.Tensor,
+        row_states: dict[str, torch.Tensor] | None = None,
+        committed_step: int | None = None,
+        **options,
+    ) -> DiskTable:
+        """Write a new disk table folder holding ``weight`` (R, D) and optimizer ``row_states``.
+
+        The folder is committed at ``committed_step`` (the checkpoint step the tensors belong to).
+        ``options`` are the constructor's (``cache_bytes``, ``prefetch``, ``journal``).
+
+        Raises:
+            FileExistsError: ``directory`` already holds a table.
+        """
+        directory = Path(directory)
+        if (directory / WEIGHT_FILE).exists():
+            raise FileExistsError(f"{directory} already holds a table; choose an empty folder")
+        table = cls(directory, weight.shape[0], weight.shape[1], init_std=0.0, dtype=weight.dtype, **options)
+        rows_per_chunk = max(1, (64 << 20) // max(1, weight[:1].nbytes))  # copy ~64 MiB at a time
+        for name, source in {"weight": weight, **(row_states or {})}.items():
+            target = table.weight if name == "weight" else table.row_state(name, tuple(source.shape[1:]), source.dtype)
+            for start in range(0, source.shape[0], rows_per_chunk):
+                target[start : start + rows_per_chunk].copy_(source[start : start + rows_per_chunk])
+        table.flush()
+        table._set_metadata(committed_step=committed_step, prepared_step=None, dirty=False)
+        return table
 
     def close(self) -> None:
         """Flush and unmap the files; the table cannot be used afterwards."""
