@@ -205,3 +205,89 @@ def test_prefetched_rows_are_never_served_to_another_batch(tmp_path):
         table.lookup(batches[1], handle)
     # The same values in a fresh tensor are the same batch.
     assert torch.equal(table.lookup(batches[0].clone(), handle), reference[batches[0]])
+
+
+def test_device_and_host_checkpoints_are_interchangeable(compressor):
+    device = _model(compressor, "device")
+    host = _model(compressor, "host")
+    with torch.no_grad():
+        host.engram_tables()[0].weight.zero_()
+    host.load_state_dict(device.state_dict())  # strict: the same keys
+    assert torch.equal(host.engram_tables()[0].weight, device.engram_tables()[0].weight.detach())
+    assert set(host.state_dict()) == set(device.state_dict())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        host.load_state_dict({**device.state_dict(), "blocks.1.engram.table.weight": torch.zeros(3, 3)})
+    # model.to() leaves a host table where it is, and dense optimizers never see it.
+    assert all(p.data_ptr() != host.engram_tables()[0].weight.data_ptr() for p in host.parameters())
+
+
+def test_gradient_accumulation_sums_like_a_device_table(tmp_path):
+    device = DeviceTable(300, 4, init_std=0.1, sparse_grad=True)
+    disk = DiskTable(tmp_path / "t", 300, 4, init_std=0.0)
+    disk.write_rows(torch.arange(300), device.read_rows(torch.arange(300)))
+    disk.train()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):  # three micro-batches, one optimizer step
+        indices = torch.randint(0, 300, (8, 5), generator=generator)
+        target = torch.randn(8, 5, 4, generator=generator)
+        (device(indices) * target).sum().backward()
+        (disk(indices) * target).sum().backward()
+    (rows_d, grad_d), (rows_h, grad_h) = device.take_row_grad(), disk.take_row_grad()
+    assert torch.equal(rows_d, rows_h) and torch.equal(grad_d, grad_h)
+    assert disk.take_row_grad() is None  # taken
+
+
+def test_bfloat16_tables_off_the_device(compressor, tmp_path):
+    host = _model(compressor, "host", dtype="bfloat16")
+    disk = _model(compressor, "disk", tmp_path, dtype="bfloat16")
+    disk.load_state_dict(host.state_dict(), strict=False)
+    tables = [host.engram_tables()[0], disk.engram_tables()[0]]
+    rows = torch.arange(tables[0].num_rows)
+    tables[1].write_rows(rows, tables[0].read_rows(rows))
+    train, val = sonnets_tokens()
+    config = dataclasses.replace(TRAIN, steps=2, eval_every=0, checkpoint_every=0)
+    losses = []
+    for model, table in zip((host, disk), tables, strict=True):
+        assert table.dtype == torch.bfloat16 and table.read_rows(rows[:1]).dtype == torch.bfloat16
+        seed_everything(1)
+        losses.append(Trainer(model, config, train, val, progress=False).train())
+    assert losses[0] == losses[1] and np.isfinite(losses[0]).all()
+    assert torch.equal(tables[0].read_rows(rows), tables[1].read_rows(rows))
+    assert tables[1].row_states()["exp_avg"].dtype == torch.bfloat16
+
+
+def test_storage_config_is_validated():
+    with pytest.raises(ValueError, match="'device', 'host' or 'disk'"):
+        StorageConfig(tier="ssd")
+    with pytest.raises(ValueError, match="storage dtype"):
+        StorageConfig(dtype="int8")
+    with pytest.raises(ValueError, match="cache_mb"):
+        StorageConfig(cache_mb=-1)
+    with pytest.raises(ValueError, match=r"needs storage\.directory"):
+        StorageConfig(tier="disk").layer_directory(1)
+    with pytest.raises(ValueError, match="unknown StorageConfig keys"):
+        StorageConfig.from_dict({"tier": "disk", "path": "x"})
+
+
+def test_row_optimizer_state_round_trips_and_checks(tmp_path):
+    from engram.training import RowAdam
+
+    host = HostTable(50, 3, init_std=0.1)
+    optimizer = RowAdam([host], lr=0.1)
+    host.train()
+    (host(torch.tensor([[1, 2, 2]])) ** 2).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    other = HostTable(50, 3, init_std=0.1)
+    restored = RowAdam([other], lr=0.5)
+    restored.load_state_dict(saved)
+    assert restored.param_groups[0]["lr"] == 0.1
+    for name, value in host.row_states().items():
+        assert torch.equal(other.row_states()[name], value), name
+    assert int(other.row_states()["row_step"][2]) == 1
+    with pytest.raises(ValueError, match="holds tables"):
+        RowAdam([other, HostTable(5, 3)]).load_state_dict(saved)
+    disk = DiskTable(tmp_path / "t", 50, 3)
+    assert RowAdam([disk]).state_dict()["state"] == {}  # a disk table's state is its files
+    with pytest.raises(TypeError, match="TableStorage"):
+        RowAdam([torch.zeros(3, 3)])

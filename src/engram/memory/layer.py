@@ -188,6 +188,8 @@ class Engram(nn.Module):
         Position-wise: every position depends only on its own hidden state and row indices.
         """
         memory = self.table(hash_ids + self.offsets, prefetched).flatten(-2)  # (B, T, d_mem)
+        # A table may store its rows in another dtype than the layer computes in (a bfloat16 host table).
+        memory = memory.to(self.value_proj.weight.dtype)
         value = self.value_proj(memory)  # (B, T, d)
         keys = self.key_proj(memory).unflatten(-1, (self.n_branches, self.hidden_size))  # (B, T, M, d)
         score = (self.key_norm(keys) * self.query_norm(hidden)).sum(-1) / math.sqrt(self.hidden_size)

@@ -84,19 +84,24 @@ class OffloadedTable(TableStorage):
             self.cache.update(rows, values)
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        # Each lookup's leaf holds a sparse gradient with one entry per looked-up index; mapping the
-        # entries to table rows and coalescing them once sums them in the same order as a device
-        # table's sparse gradient does, so every tier computes bit-identical updates.
-        entries = [(rows, values.grad) for rows, values in self._grad_rows if values.grad is not None]
+        # Each lookup's leaf holds a sparse gradient with one entry per looked-up index. Mapped to
+        # table rows and added up lookup by lookup (as autograd accumulates a device table's sparse
+        # gradient), then coalesced, the entries are summed in the same order as on a device table,
+        # so every tier computes bit-identical updates.
+        total = None
+        for rows, values in self._grad_rows:
+            grad = values.grad
+            if grad is None:
+                continue
+            positions = rows.to(grad.device)[grad._indices()[0]].unsqueeze(0)  # in range by construction
+            shape = (self.num_rows, self.dim)
+            entry = torch.sparse_coo_tensor(positions, grad._values(), shape, check_invariants=False)
+            total = entry if total is None else total + entry
         self._grad_rows = []
-        if not entries:
+        if total is None:
             return None
-        device = entries[0][1].device
-        positions = torch.cat([rows.to(device)[grad._indices()[0]] for rows, grad in entries])
-        grads = torch.cat([grad._values() for _, grad in entries])
-        shape = (self.num_rows, self.dim)  # positions are in range by construction
-        summed = torch.sparse_coo_tensor(positions.unsqueeze(0), grads, shape, check_invariants=False).coalesce()
-        return summed.indices()[0].cpu(), summed.values().cpu()
+        total = total.coalesce()
+        return total.indices()[0].cpu(), total.values().cpu()
 
     def zero_row_grad(self) -> None:
         # Lookups whose backward has not run yet keep their place: training loops commonly zero the
