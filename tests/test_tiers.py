@@ -291,3 +291,15 @@ def test_row_optimizer_state_round_trips_and_checks(tmp_path):
     assert RowAdam([disk]).state_dict()["state"] == {}  # a disk table's state is its files
     with pytest.raises(TypeError, match="TableStorage"):
         RowAdam([torch.zeros(3, 3)])
+
+
+def test_the_metrics_report_each_cache_hit_rate(compressor, tmp_path):
+    import json
+
+    model = _model(compressor, "host", cache_mb=0.05)
+    train, val = sonnets_tokens()
+    config = dataclasses.replace(TRAIN, steps=4, log_every=2, eval_every=0, checkpoint_every=0)
+    Trainer(model, config, train, val, out_dir=tmp_path, progress=False).train()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["table1_cache_hit_rate"] for r in records]
+    assert len(rates) == 2 and all(0.0 < rate < 1.0 for rate in rates)

@@ -151,6 +151,10 @@ class TableFile:
         self._mmap: mmap.mmap | None = mmap.mmap(
             file.fileno(), 0, access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
         )
+        if hasattr(mmap, "MADV_RANDOM"):
+            # Rows are read at hashed, i.e. random, positions: the kernel's read-ahead around each faulted
+            # page would read megabytes per row once the file no longer fits in the page cache.
+            self._mmap.madvise(mmap.MADV_RANDOM)
         tdtype, npdtype = _DTYPES[self._dtype_name]
         array = np.frombuffer(self._mmap, dtype=npdtype, count=self.num_rows * self.dim, offset=DATA_OFFSET)
         with warnings.catch_warnings():

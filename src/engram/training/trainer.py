@@ -198,6 +198,7 @@ class Trainer:
                             "loss": loss,
                             "lr": self.config.lr * lr_factor(self.config, self.step - 1),
                             "tokens_per_s": speed,
+                            **self._cache_hit_rates(),
                         }
                     )
                     window_start, window_steps = time.perf_counter(), 0
@@ -208,6 +209,16 @@ class Trainer:
         if self.out_dir is not None and self.metrics is not None:
             plot_losses(self.metrics.read(), self.out_dir / "loss.png")
         return losses
+
+    def _cache_hit_rates(self) -> dict[str, float]:
+        """Hit rate of each table's hot-row cache since the last log line (``table<layer>_cache_hit_rate``)."""
+        rates = {}
+        for layer, engram in self.model.engram_layers().items():
+            cache = getattr(engram.table, "cache", None)
+            if cache is not None:
+                rates[f"table{layer}_cache_hit_rate"] = cache.hit_rate
+                cache.reset_stats()
+        return rates
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
