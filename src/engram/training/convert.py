@@ -22,9 +22,8 @@ from pathlib import Path
 
 from engram.storage.config import LAYER_FOLDER, StorageConfig
 from engram.storage.disk import DiskTable
-from engram.training.checkpoint import latest_checkpoint
 from engram.training.checkpoint_io import load_state, save_state
-from engram.training.run import SPEC_FILE, RunSpec
+from engram.training.run import read_run, write_spec
 
 
 def _table_key(layer_id: int) -> str:
@@ -41,13 +40,7 @@ def convert_run_tables(run_dir: str | Path, target: StorageConfig) -> Path:
         FileExistsError: the disk folder already holds tables.
     """
     run_dir = Path(run_dir)
-    spec_path = run_dir / SPEC_FILE
-    if not spec_path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a training run (no {SPEC_FILE})")
-    spec = RunSpec.from_json(spec_path.read_text())
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint to convert")
+    spec, checkpoint = read_run(run_dir)
     if spec.model.engram is None:
         raise ValueError(f"the model of {run_dir} has no Engram tables")
     spec = dataclasses.replace(spec, storage=target)
@@ -69,9 +62,7 @@ def convert_run_tables(run_dir: str | Path, target: StorageConfig) -> Path:
             _disk_to_tensors(tree, table_state, layers, step, source)
         meta["storage"] = target.to_dict()
         save_state(checkpoint, tree)
-    tmp = spec_path.with_suffix(".tmp")
-    tmp.write_text(spec.to_json() + "\n")
-    os.replace(tmp, spec_path)
+    write_spec(run_dir, spec)
     return checkpoint
 
 

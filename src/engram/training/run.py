@@ -119,9 +119,7 @@ def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trai
         if saved.model != spec.model or saved.data != spec.data or saved.tokenizer != spec.tokenizer:
             raise ValueError(f"{run_dir} holds another run (see {spec_path}); choose a new --out folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = spec_path.with_suffix(".tmp")
-    tmp.write_text(spec.to_json() + "\n")
-    os.replace(tmp, spec_path)
+    write_spec(run_dir, spec)
 
     tokenizer, dataset = _open(spec)
     seed_everything(spec.train.seed)
@@ -140,16 +138,34 @@ def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trai
     return trainer
 
 
-def load_run(run_dir: str | Path, device: str = "auto") -> tuple[EngramLM, RunSpec, CompressedTokenizer, TokenDataset]:
-    """The trained model of a run (newest checkpoint), in eval mode, with its spec, tokenizer and data."""
+def read_run(run_dir: str | Path) -> tuple[RunSpec, Path]:
+    """The spec of a run and its newest complete checkpoint.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` is not a run, or has no complete checkpoint yet.
+    """
     run_dir = Path(run_dir)
     spec_path = run_dir / SPEC_FILE
     if not spec_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run (no {SPEC_FILE}); train one with `engram train`")
-    spec = RunSpec.from_json(spec_path.read_text())
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint yet")
+    return RunSpec.from_json(spec_path.read_text()), checkpoint
+
+
+def write_spec(run_dir: str | Path, spec: RunSpec) -> None:
+    """Write ``run_dir/run.json`` atomically."""
+    path = Path(run_dir) / SPEC_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(spec.to_json() + "\n")
+    os.replace(tmp, path)
+
+
+def load_run(run_dir: str | Path, device: str = "auto") -> tuple[EngramLM, RunSpec, CompressedTokenizer, TokenDataset]:
+    """The trained model of a run (newest checkpoint), in eval mode, with its spec, tokenizer and data."""
+    run_dir = Path(run_dir)
+    spec, checkpoint = read_run(run_dir)
     tokenizer, dataset = _open(spec)
     model = build_model(spec.model, tokenizer, dataset, spec.storage_for(run_dir)).to(resolve_device(device))
     load_checkpoint(checkpoint, model)
