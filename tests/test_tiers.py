@@ -131,8 +131,9 @@ def test_row_adagrad_matches_a_float64_loop(tmp_path):
     torch.testing.assert_close(table.row_states()["sum_sq"].double(), sum_sq, rtol=1e-5, atol=1e-7)
 
 
-def _disk_trainer(compressor, run_dir, seed=0, journal=True) -> Trainer:
-    model = _model(compressor, "disk", run_dir / "tables", journal=journal)
+def _disk_trainer(compressor, run_dir, seed=0, journal=True, write_buffer_mb=0.01) -> Trainer:
+    # A write buffer of a few dozen rows: most updates reach the files between checkpoints.
+    model = _model(compressor, "disk", run_dir / "tables", journal=journal, write_buffer_mb=write_buffer_mb)
     train, val = sonnets_tokens()
     config = dataclasses.replace(TRAIN, checkpoint_every=4, eval_every=0)
     seed_everything(seed)
@@ -141,11 +142,12 @@ def _disk_trainer(compressor, run_dir, seed=0, journal=True) -> Trainer:
     )
 
 
-def test_disk_checkpoints_copy_nothing_and_a_crash_between_them_loses_nothing(compressor, tmp_path):
-    straight = _disk_trainer(compressor, tmp_path / "a")
+@pytest.mark.parametrize("write_buffer_mb", [0.0, 0.01])
+def test_disk_checkpoints_copy_nothing_and_a_crash_between_them_loses_nothing(compressor, tmp_path, write_buffer_mb):
+    straight = _disk_trainer(compressor, tmp_path / "a", write_buffer_mb=write_buffer_mb)
     expected = straight.train()  # 12 steps, checkpoints at 4, 8, 12
 
-    crashed = _disk_trainer(compressor, tmp_path / "b")
+    crashed = _disk_trainer(compressor, tmp_path / "b", write_buffer_mb=write_buffer_mb)
     assert crashed.train(until=10) == expected[:10]  # checkpoint at 8, then two steps change the table
     table = crashed.model.engram_tables()[0]
     assert table.metadata["committed_step"] == 8 and table.metadata["dirty"]
@@ -156,7 +158,7 @@ def test_disk_checkpoints_copy_nothing_and_a_crash_between_them_loses_nothing(co
     assert not any("table" in key for key in saved["model"])  # the tables stay in their files
     assert saved["optimizers"]["tables"]["state"] == {}
 
-    resumed = _disk_trainer(compressor, tmp_path / "b", seed=7)
+    resumed = _disk_trainer(compressor, tmp_path / "b", seed=7, write_buffer_mb=write_buffer_mb)
     assert resumed.resume() and resumed.step == 8  # rolls the journal back to step 8
     assert resumed.train() == expected[8:]
     rows = torch.arange(straight.model.engram_tables()[0].num_rows)

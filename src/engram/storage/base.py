@@ -112,6 +112,15 @@ class TableStorage(nn.Module, ABC):
             )
         return state
 
+    def read_state(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (U,) of state array ``name``: (U, *row_shape)."""
+        return self._row_states[name].index_select(0, rows)
+
+    def write_state(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the distinct rows (U,) of state array ``name`` to ``values`` (U, *row_shape)."""
+        state = self._row_states[name]
+        state.index_copy_(0, rows, values.to(state.dtype))
+
     def row_states(self) -> dict[str, torch.Tensor]:
         """Every optimizer state array allocated so far, by name."""
         return dict(self._row_states)

@@ -32,6 +32,8 @@ class StorageConfig(JsonConfig):
         cache_mb: hot-row cache per table in MiB (host and disk tiers; 0 disables it).
         prefetch: fetch each layer's rows in a background thread as soon as a batch is known.
         journal: disk tier: keep an undo journal so a crash between checkpoints can be rolled back.
+        write_buffer_mb: disk tier: memory per table for rows the optimizer rewrites, written back to
+            the files when displaced or at a checkpoint (0: every update goes to the files at once).
         dtype: of the table rows (``float32``, ``bfloat16``, ``float16``); host and disk tiers only,
             a device table follows the model's dtype.
         pin_memory: host tier: page-lock the table (``None``: when CUDA is available).
@@ -42,6 +44,7 @@ class StorageConfig(JsonConfig):
     cache_mb: float = 0.0
     prefetch: bool = True
     journal: bool = True
+    write_buffer_mb: float = 64.0
     dtype: str = "float32"
     pin_memory: bool | None = None
 
@@ -50,8 +53,9 @@ class StorageConfig(JsonConfig):
             raise ValueError(f"storage tier must be 'device', 'host' or 'disk', got {self.tier!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"storage dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if not self.cache_mb >= 0:
-            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        for name in ("cache_mb", "write_buffer_mb"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def cache_bytes(self) -> int:
@@ -93,4 +97,5 @@ def build_table(
         cache_bytes=config.cache_bytes,
         prefetch=config.prefetch,
         journal=config.journal,
+        write_buffer_bytes=int(config.write_buffer_mb * 2**20),
     )

@@ -26,6 +26,7 @@ import torch
 from engram.storage.journal import UndoJournal
 from engram.storage.offload import OffloadedTable
 from engram.storage.table_file import TableFile
+from engram.storage.write_buffer import WriteBuffer
 
 WEIGHT_FILE = "weight.table"
 JOURNAL_FILE = "journal.undo"
@@ -50,6 +51,8 @@ class DiskTable(OffloadedTable):
         prefetch: fetch rows in a background thread when the model announces a batch.
         journal: keep an undo journal so that a crash between checkpoints can be rolled back;
             without it a table changed after its last checkpoint cannot be restored.
+        write_buffer_bytes: memory for the write-back buffer of rows the optimizer rewrites
+            (``WriteBuffer``; 0: every update goes straight to the mapping).
         writable: open for training (False: inference only, the files are mapped read-only).
     """
 
@@ -67,6 +70,7 @@ class DiskTable(OffloadedTable):
         prefetch: bool = True,
         journal: bool = True,
         writable: bool = True,
+        write_buffer_bytes: int = 0,
     ):
         self.directory = Path(directory)
         weight_path = self.directory / WEIGHT_FILE
@@ -104,6 +108,8 @@ class DiskTable(OffloadedTable):
                 self._open_state(path.name.removesuffix(STATE_SUFFIX))
         self.use_journal = journal
         self._journal: UndoJournal | None = None
+        self.write_buffer_bytes = int(write_buffer_bytes) if writable else 0
+        self._buffer: WriteBuffer | None = None
 
     # -- files ----------------------------------------------------------------------------------------
     def _open_state(self, name: str) -> torch.Tensor:
@@ -119,6 +125,9 @@ class DiskTable(OffloadedTable):
     def _new_row_state(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         if self._journal is not None and self._journal.pending_rows:
             raise RuntimeError(f"cannot add row state {name!r} to {self.directory} between checkpoints")
+        if self._buffer is not None:  # rebuilt over the new set of arrays
+            self._buffer.write_back_all()
+            self._buffer = None
         width = 1
         for size in row_shape:
             width *= size
@@ -135,6 +144,12 @@ class DiskTable(OffloadedTable):
     def _arrays(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, **self._row_states}
 
+    def buffer(self) -> WriteBuffer | None:
+        """The write-back buffer (None when ``write_buffer_bytes`` is 0)."""
+        if self._buffer is None and self.write_buffer_bytes > 0:
+            self._buffer = WriteBuffer(self._arrays(), self.write_buffer_bytes, self._before_file_write)
+        return self._buffer
+
     def journal(self) -> UndoJournal:
         if self._journal is None:
             self._journal = UndoJournal(self.directory / JOURNAL_FILE, self._arrays())
@@ -148,16 +163,51 @@ class DiskTable(OffloadedTable):
     def _set_metadata(self, **changes) -> None:
         self.weight_file.set_metadata({**self.weight_file.metadata, **changes})
 
-    # -- writes -----------------------------------------------------------------------------------------
+    # -- reads and writes, through the write-back buffer ----------------------------------------------
+    def _read_weight(self, rows: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffer()
+        return super()._read_weight(rows) if buffer is None else buffer.read("weight", rows)
+
+    def _write_weight(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        buffer = self.buffer()
+        if buffer is None:
+            super()._write_weight(rows, values)
+        else:
+            buffer.write("weight", rows, values)
+
+    def read_state(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        buffer = self.buffer()
+        return super().read_state(name, rows) if buffer is None else buffer.read(name, rows)
+
+    def write_state(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        buffer = self.buffer()
+        if buffer is None:
+            super().write_state(name, rows, values)
+        else:
+            buffer.write(name, rows, values)
+
+    def row_states(self) -> dict[str, torch.Tensor]:
+        """The state arrays as mapped from their files (buffered rows are written back first)."""
+        if self._buffer is not None:
+            self._buffer.write_back_all()
+        return super().row_states()
+
     def begin_update(self, rows: torch.Tensor) -> None:
         if not self.writable:
             raise RuntimeError(f"the table at {self.directory} was opened read-only (writable=False)")
+        if self.buffer() is None:  # with a buffer, the files change only when rows are written back
+            self._before_file_write(rows)
+
+    def _before_file_write(self, rows: torch.Tensor) -> None:
+        """Before ``rows`` (U,) of the files change: mark the table dirty (once), journal their old values."""
         if not self.metadata.get("dirty"):  # first change since the last commit: say so, durably
             self._set_metadata(dirty=True)
-        if self.use_journal:
+        if self.use_journal and self.metadata.get("committed_step") is not None:  # else nothing to return to
             self.journal().protect(rows)
 
     def flush(self) -> None:
+        if self._buffer is not None:
+            self._buffer.write_back_all()
         for table_file in (self.weight_file, *self._state_files.values()):
             table_file.flush()
 
@@ -180,6 +230,10 @@ class DiskTable(OffloadedTable):
                 f"the disk table at {self.directory} holds the state of step {meta.get('committed_step')}, not of "
                 f"checkpoint step {step}; a disk table can only return to its latest checkpoint"
             )
+        if self._buffer is not None:  # rows written after the checkpoint, never written back
+            self._buffer.discard()
+        if self.cache is not None:  # it may hold rows written after the checkpoint
+            self.cache.clear()
         if not meta.get("dirty"):
             return
         if not self.use_journal and not (self.directory / JOURNAL_FILE).exists():
@@ -189,8 +243,6 @@ class DiskTable(OffloadedTable):
             )
         self.journal().rollback()
         self.flush()
-        if self.cache is not None:
-            self.cache.clear()
         self.commit_checkpoint(step)
 
     @classmethod

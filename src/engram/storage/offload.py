@@ -44,18 +44,18 @@ class OffloadedTable(TableStorage):
         """The distinct rows of ``indices`` (any shape), gathered and moved to the indices' device."""
         rows, inverse = torch.unique(indices.reshape(-1), sorted=True, return_inverse=True)
         rows = self.check_rows(rows.cpu())
-        # Gather straight into pinned memory when the rows go to a GPU, so the copy can be asynchronous.
-        staged = torch.empty(rows.numel(), self.dim, dtype=self.weight.dtype, pin_memory=indices.is_cuda)
         if self.cache is None:
-            torch.index_select(self.weight, 0, rows, out=staged)
+            values = self._read_weight(rows)
         else:
             hit, cached = self.cache.lookup(rows)
-            staged[hit] = cached
+            values = torch.empty(rows.numel(), self.dim, dtype=self.weight.dtype)
+            values[hit] = cached
             missed = rows[~hit]
-            values = self.weight.index_select(0, missed)
-            staged[~hit] = values
-            self.cache.admit(missed, values)
-        values = staged.to(indices.device, non_blocking=True)
+            from_table = self._read_weight(missed)
+            values[~hit] = from_table
+            self.cache.admit(missed, from_table)
+        if indices.is_cuda:  # through pinned memory, so that the copy to the GPU is asynchronous
+            values = values.pin_memory().to(indices.device, non_blocking=True)
         return FetchedRows(rows, inverse.view(indices.shape), values)
 
     def prefetch(self, indices: torch.Tensor) -> PendingRows | None:
@@ -71,7 +71,14 @@ class OffloadedTable(TableStorage):
 
     @torch.no_grad()
     def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.weight.index_select(0, self.check_rows(rows).cpu())
+        return self._read_weight(self.check_rows(rows).cpu())
+
+    def _read_weight(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (U,) of the weight, (U, D): where the tier keeps them."""
+        return self.weight.index_select(0, rows)
+
+    def _write_weight(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        self.weight.index_copy_(0, rows, values)
 
     # -- writing -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -79,7 +86,7 @@ class OffloadedTable(TableStorage):
         rows = self.check_rows(rows).cpu()
         self._check_values(rows, values)
         values = values.to(device="cpu", dtype=self.weight.dtype)
-        self.weight.index_copy_(0, rows, values)
+        self._write_weight(rows, values)
         if self.cache is not None:
             self.cache.update(rows, values)
 

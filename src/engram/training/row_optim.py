@@ -114,19 +114,18 @@ class RowAdam(RowOptimizer):
         }
 
     def _update(self, table: TableStorage, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        state = self._state(table)
-        rows = rows.to(state["row_step"].device)
+        rows = rows.to(table.row_state("row_step", (), torch.int64).device)
         param, m, v, step = adam_rows(
             table.read_rows(rows),
-            grad.to(state["exp_avg"].device),
-            state["exp_avg"].index_select(0, rows),
-            state["exp_avg_sq"].index_select(0, rows),
-            state["row_step"].index_select(0, rows),
+            grad.to(rows.device),
+            table.read_state("exp_avg", rows),
+            table.read_state("exp_avg_sq", rows),
+            table.read_state("row_step", rows),
             self.param_groups[0],
         )
-        state["row_step"].index_copy_(0, rows, step)
-        state["exp_avg"].index_copy_(0, rows, m.to(state["exp_avg"].dtype))
-        state["exp_avg_sq"].index_copy_(0, rows, v.to(state["exp_avg_sq"].dtype))
+        table.write_state("row_step", rows, step)
+        table.write_state("exp_avg", rows, m)
+        table.write_state("exp_avg_sq", rows, v)
         table.write_rows(rows, param)
 
 
@@ -144,12 +143,11 @@ class RowAdagrad(RowOptimizer):
         return {"sum_sq": table.row_state("sum_sq", (), torch.float32)}
 
     def _update(self, table: TableStorage, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        sum_sq = self._state(table)["sum_sq"]
-        rows = rows.to(sum_sq.device)
+        rows = rows.to(table.row_state("sum_sq", (), torch.float32).device)
         group = self.param_groups[0]
-        g = grad.to(device=sum_sq.device, dtype=torch.float32)  # (U, D)
-        s = sum_sq.index_select(0, rows).add_(g.square().mean(dim=1))  # (U,)
-        sum_sq.index_copy_(0, rows, s)
+        g = grad.to(device=rows.device, dtype=torch.float32)  # (U, D)
+        s = table.read_state("sum_sq", rows).add_(g.square().mean(dim=1))  # (U,)
+        table.write_state("sum_sq", rows, s)
         param = table.read_rows(rows).float()
         param.sub_(g / (s.sqrt().add_(group["eps"])).unsqueeze(1) * group["lr"])
         table.write_rows(rows, param)
