@@ -91,6 +91,11 @@ class TableStorage(nn.Module, ABC):
     def zero_row_grad(self) -> None:
         """Forget any gradient accumulated since the last ``take_row_grad``."""
 
+    def optimizer_target(self) -> TableStorage:
+        """The table a sparse optimizer updates with the rows ``take_row_grad`` returns (and whose
+        ``row_state`` it keeps): this table, or for a sharded table this rank's local shard."""
+        return self
+
     def begin_update(self, rows: torch.Tensor) -> None:
         """Called by optimizers before they change ``rows`` (U,) of the table or its row state."""
 

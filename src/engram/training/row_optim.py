@@ -41,7 +41,7 @@ class RowOptimizer(ABC):
         self.tables = tables
         self.param_groups = [dict(hyper)]
         for table in tables:  # allocate the state now: a disk table's journal must cover it from the start
-            self._state(table)
+            self._state(table.optimizer_target())
 
     @abstractmethod
     def _state(self, table: TableStorage) -> dict[str, torch.Tensor]:
@@ -59,25 +59,27 @@ class RowOptimizer(ABC):
     def step(self) -> None:
         """Update the looked-up rows of every table that received a gradient."""
         for table in self.tables:
-            taken = table.take_row_grad()
+            taken = table.take_row_grad()  # collective for a sharded table: every rank calls it
             if taken is None or taken[0].numel() == 0:
                 continue
             rows, grad = taken
-            table.begin_update(rows)
-            self._update(table, rows, grad)
+            target = table.optimizer_target()
+            target.begin_update(rows)
+            self._update(target, rows, grad)
 
     def state_dict(self) -> dict[str, Any]:
         """Hyper-parameters, and the state arrays of the tables that do not persist themselves."""
-        state = {i: dict(self._state(table)) for i, table in enumerate(self.tables) if not table.persists_itself}
+        targets = [table.optimizer_target() for table in self.tables]
+        state = {i: dict(self._state(target)) for i, target in enumerate(targets) if not target.persists_itself}
         return {"param_groups": [dict(group) for group in self.param_groups], "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict["state"]
-        expected = {i for i, table in enumerate(self.tables) if not table.persists_itself}
+        expected = {i for i, table in enumerate(self.tables) if not table.optimizer_target().persists_itself}
         if set(saved) != expected:
             raise ValueError(f"optimizer state holds tables {sorted(saved)}, this optimizer has {sorted(expected)}")
         for i, arrays in saved.items():
-            current = self._state(self.tables[i])
+            current = self._state(self.tables[i].optimizer_target())
             if set(arrays) != set(current):
                 raise ValueError(f"table {i}: saved state {sorted(arrays)}, expected {sorted(current)}")
             for name, value in arrays.items():

@@ -1,0 +1,74 @@
+"""Row-sharded tables on 2 and 4 processes (gloo on loopback) against one process on the combined batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engram.storage import HostTable
+from engram.storage.sharded import shard_ranges
+from engram.training import RowAdam
+from tests.distributed.sharded_step import DIM, ROWS, problem
+
+SCRIPT = Path(__file__).resolve().parent / "distributed" / "sharded_step.py"
+
+
+def _torchrun(nproc: int, out_dir: Path, tier: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parents[2])}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            str(SCRIPT),
+            str(out_dir),
+            tier,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_shard_ranges_cover_the_table_with_a_shorter_last_shard():
+    assert shard_ranges(10, 4) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert shard_ranges(8, 2) == [(0, 4), (4, 8)]
+    with pytest.raises(ValueError, match="at least one row"):
+        shard_ranges(3, 4)
+
+
+@pytest.mark.parametrize(("nproc", "tier"), [(2, "host"), (4, "disk"), (4, "device")])
+def test_a_sharded_step_equals_one_process_on_the_combined_batch(tmp_path, nproc, tier):
+    _torchrun(nproc, tmp_path, tier)
+    table, indices, weights = problem()
+    reference = HostTable(ROWS, DIM)
+    reference.write_rows(torch.arange(ROWS), table)
+    reference.train()
+    looked_up = reference(indices)
+    loss = (looked_up * weights).sum()
+    loss.backward()
+    RowAdam([reference], lr=0.1).step()
+    expected_rows = reference.read_rows(torch.arange(ROWS))
+
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(nproc)]
+    assert torch.equal(torch.cat([r["looked_up"] for r in ranks]), looked_up.detach())  # lookups are exact
+    torch.testing.assert_close(sum(r["loss"] for r in ranks)[0], loss.detach(), rtol=1e-5, atol=1e-4)
+    shards = torch.cat([r["shard"] for r in ranks])
+    assert not torch.equal(shards, table)  # the step changed rows
+    torch.testing.assert_close(shards, expected_rows, rtol=1e-5, atol=1e-6)
+    # Each distinct row of a rank's batch crossed once each way, with its id: the minimum exchange.
+    for rank, saved in enumerate(ranks):
+        mine = indices[rank * len(indices) // nproc : (rank + 1) * len(indices) // nproc]
+        distinct = mine.unique().numel()
+        assert int(saved["bytes_sent"]) >= distinct * DIM * 4  # at least its gradient rows went out
