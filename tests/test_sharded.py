@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,24 +22,22 @@ SCRIPT = Path(__file__).resolve().parent / "distributed" / "sharded_step.py"
 
 def _torchrun(nproc: int, out_dir: Path, tier: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parents[2])}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            str(SCRIPT),
-            str(out_dir),
-            tier,
-        ],
-        capture_output=True,
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    # A session of its own, so that a hang is cleaned up with every worker.
+    process = subprocess.Popen(
+        [*command, str(SCRIPT), str(out_dir), tier],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
         env=env,
+        start_new_session=True,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        raise
+    assert process.returncode == 0, stderr[-3000:]
 
 
 def test_shard_ranges_cover_the_table_with_a_shorter_last_shard():
