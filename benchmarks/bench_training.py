@@ -24,8 +24,9 @@ allocation); medians are reported.
    say nothing about quality.
 2. Table optimizer vs table size. The same Engram model twice, the second with 10x the tables' base
    sizes (``--table-scale``), everything else equal. ``optimizers["tables"].step()`` (the
-   ``SparseRowAdam``) is timed on its own, through the optimizer's step pre/post hooks, inside the
-   same timed ``train_step()`` calls; the two models alternate step by step.
+   ``RowAdam``) is timed on its own, through a timing wrapper put in place of the optimizer
+   instance's ``step`` method, inside the same timed ``train_step()`` calls; the two models
+   alternate step by step.
 
 Run from the repository root::
 
@@ -44,6 +45,7 @@ import dataclasses
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,19 +91,21 @@ class Run:
     step_times: list[float] = field(default_factory=list)
     table_times: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
-    _table_start: float = 0.0
 
     def __post_init__(self) -> None:
         tables = self.trainer.optimizers.get("tables")
-        if tables is not None:  # time SparseRowAdam.step() alone, inside train_step()
-            tables.register_step_pre_hook(self._table_pre)
-            tables.register_step_post_hook(self._table_post)
+        if tables is not None:  # time RowAdam.step() alone, inside train_step()
+            tables.step = self._timed(tables.step)
 
-    def _table_pre(self, *_: object) -> None:
-        self._table_start = time.perf_counter()
+    def _timed(self, step: Callable[[], None]) -> Callable[[], None]:
+        """``step`` (a bound method), recording its duration in ``table_times`` at every call."""
 
-    def _table_post(self, *_: object) -> None:
-        self.table_times.append(time.perf_counter() - self._table_start)
+        def timed_step() -> None:
+            start = time.perf_counter()
+            step()
+            self.table_times.append(time.perf_counter() - start)
+
+        return timed_step
 
     def step(self) -> None:
         start = time.perf_counter()
@@ -162,7 +166,7 @@ def table_rows(config: ModelConfig) -> int:
 
 
 def table_mb(config: ModelConfig, with_adam: bool = False) -> float:
-    """Float32 table size in MiB; with SparseRowAdam's state (two moments and an int64 row step count)."""
+    """Float32 table size in MiB; with RowAdam's state (two moments and an int64 row step count)."""
     rows = table_rows(config)
     width = config.engram.head_dim if config.engram is not None else 0
     table = rows * width * 4
@@ -260,7 +264,7 @@ def bench_table_scale(
 
 
 def unique_rows(run: Run, steps: range) -> float:
-    """Median number of distinct table rows a batch touches (the rows SparseRowAdam updates), over ``steps``."""
+    """Median number of distinct table rows a batch touches (the rows RowAdam updates), over ``steps``."""
     model = run.trainer.model
     counts = []
     for step in steps:
@@ -383,7 +387,7 @@ def table_scale_lines(small: Run, large: Run, larger: ModelConfig, args: argpars
     lookups = tokens * smaller.engram.n_heads * len(smaller.engram.layer_ids)
     return [
         f"The Engram model of part 1 and the same model with {args.table_scale}x the table base sizes; "
-        f"`optimizers['tables'].step()` (SparseRowAdam) timed alone inside each train_step. A batch reads "
+        f"`optimizers['tables'].step()` (RowAdam) timed alone inside each train_step. A batch reads "
         f"{lookups:,} table rows with repeats; 'rows touched' counts the distinct ones (median over the timed "
         "batches), the rows the optimizer updates: a larger table has fewer hash collisions. MiB are float32; "
         "'with Adam' adds both moments and the int64 per-row step count.",

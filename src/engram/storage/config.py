@@ -25,7 +25,7 @@ class StorageConfig(JsonConfig):
 
     Attributes:
         tier: ``"device"``: a parameter on the model's device (default); ``"host"``: CPU memory
-            (pinned when CUDA is present), rows copied to the device per batch; ``"disk"``:
+            (rows gathered and copied to the device per batch); ``"disk"``:
             memory-mapped files, one folder per layer under ``directory``.
         directory: the disk tier's folder (``layer_<i>/`` inside); a training run defaults it to
             ``<run>/tables``.
@@ -36,7 +36,8 @@ class StorageConfig(JsonConfig):
             the files when displaced or at a checkpoint (0: every update goes to the files at once).
         dtype: of the table rows (``float32``, ``bfloat16``, ``float16``); host and disk tiers only,
             a device table follows the model's dtype.
-        pin_memory: host tier: page-lock the table (``None``: when CUDA is available).
+        pin_memory: host tier: page-lock the whole table (default no: rows bound for a GPU are
+            gathered into page-locked staging memory per lookup either way).
     """
 
     tier: Tier = "device"
@@ -46,7 +47,7 @@ class StorageConfig(JsonConfig):
     journal: bool = True
     write_buffer_mb: float = 64.0
     dtype: str = "float32"
-    pin_memory: bool | None = None
+    pin_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.tier not in ("device", "host", "disk"):

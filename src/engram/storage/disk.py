@@ -164,9 +164,12 @@ class DiskTable(OffloadedTable):
         self.weight_file.set_metadata({**self.weight_file.metadata, **changes})
 
     # -- reads and writes, through the write-back buffer ----------------------------------------------
-    def _read_weight(self, rows: torch.Tensor) -> torch.Tensor:
+    def _read_weight(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         buffer = self.buffer()
-        return super()._read_weight(rows) if buffer is None else buffer.read("weight", rows)
+        if buffer is None:
+            return super()._read_weight(rows, out)
+        values = buffer.read("weight", rows)
+        return values if out is None else out.copy_(values)
 
     def _write_weight(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         buffer = self.buffer()

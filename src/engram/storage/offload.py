@@ -44,18 +44,22 @@ class OffloadedTable(TableStorage):
         """The distinct rows of ``indices`` (any shape), gathered and moved to the indices' device."""
         rows, inverse = torch.unique(indices.reshape(-1), sorted=True, return_inverse=True)
         rows = self.check_rows(rows.cpu())
+        # Rows bound for a GPU are gathered straight into page-locked memory, so the copy is asynchronous.
+        staged = None
+        if indices.is_cuda:
+            staged = torch.empty(rows.numel(), self.dim, dtype=self.weight.dtype, pin_memory=True)
         if self.cache is None:
-            values = self._read_weight(rows)
+            values = self._read_weight(rows, out=staged)
         else:
             hit, cached = self.cache.lookup(rows)
-            values = torch.empty(rows.numel(), self.dim, dtype=self.weight.dtype)
+            values = torch.empty(rows.numel(), self.dim, dtype=self.weight.dtype) if staged is None else staged
             values[hit] = cached
             missed = rows[~hit]
             from_table = self._read_weight(missed)
             values[~hit] = from_table
             self.cache.admit(missed, from_table)
-        if indices.is_cuda:  # through pinned memory, so that the copy to the GPU is asynchronous
-            values = values.pin_memory().to(indices.device, non_blocking=True)
+        if indices.is_cuda:
+            values = values.to(indices.device, non_blocking=True)
         return FetchedRows(rows, inverse.view(indices.shape), values)
 
     def prefetch(self, indices: torch.Tensor) -> PendingRows | None:
@@ -73,9 +77,11 @@ class OffloadedTable(TableStorage):
     def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return self._read_weight(self.check_rows(rows).cpu())
 
-    def _read_weight(self, rows: torch.Tensor) -> torch.Tensor:
-        """Rows (U,) of the weight, (U, D): where the tier keeps them."""
-        return self.weight.index_select(0, rows)
+    def _read_weight(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (U,) of the weight, (U, D), from where the tier keeps them (into ``out`` if given)."""
+        if out is None:
+            return self.weight.index_select(0, rows)
+        return torch.index_select(self.weight, 0, rows, out=out)
 
     def _write_weight(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         self.weight.index_copy_(0, rows, values)
@@ -131,7 +137,9 @@ class HostTable(OffloadedTable):
         num_rows, dim: table shape.
         init_std: standard deviation of the initial rows.
         dtype: of the rows.
-        pin_memory: page-lock the rows for fast copies (default: when CUDA is available).
+        pin_memory: page-lock the whole table. Not needed for fast copies: lookups bound for a GPU
+            gather their rows into page-locked staging memory anyway, and PyTorch's pinned allocator
+            rounds a block up to a power of two (a 20 GB table would lock 32 GiB). Default False.
         cache_bytes, prefetch: as in ``OffloadedTable``.
     """
 
@@ -141,14 +149,13 @@ class HostTable(OffloadedTable):
         dim: int,
         init_std: float = 1.0,
         dtype: torch.dtype = torch.float32,
-        pin_memory: bool | None = None,
+        pin_memory: bool = False,
         cache_bytes: int = 0,
         prefetch: bool = True,
     ):
         if num_rows < 1 or dim < 1:
             raise ValueError(f"a table needs num_rows >= 1 and dim >= 1, got ({num_rows}, {dim})")
-        pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-        weight = torch.empty(num_rows, dim, dtype=dtype, pin_memory=pin)
+        weight = torch.empty(num_rows, dim, dtype=dtype, pin_memory=bool(pin_memory))
         torch.nn.init.normal_(weight, std=init_std)
         super().__init__(weight, cache_bytes=cache_bytes, prefetch=prefetch)
 

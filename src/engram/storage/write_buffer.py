@@ -58,11 +58,13 @@ class WriteBuffer:
 
     def read(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows (U,) of array ``name``: (U, ...), the buffered ones from the buffer."""
-        out = self.arrays[name].index_select(0, rows)
         slots = rows % self.num_slots
         hit = self.tags[slots] == rows
-        if bool(hit.any()):
-            out[hit] = self.data[name][slots[hit]]
+        if not bool(hit.any()):
+            return self.arrays[name].index_select(0, rows)
+        out = self.data[name].new_empty(rows.numel(), *self.data[name].shape[1:])
+        out[hit] = self.data[name][slots[hit]]
+        out[~hit] = self.arrays[name].index_select(0, rows[~hit])  # only rows not buffered touch the file
         return out
 
     def write(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
