@@ -50,10 +50,11 @@ pytestmark = pytest.mark.slow
 GiB = 1 << 30
 DATA_OFFSET = 8192  # a table file: two 4 KiB header slots, then the rows, row-major, little-endian
 LAYER = 1
-STEPS = 200  # a checkpoint after STEPS // 2 and after STEPS
+STEPS = 60  # a checkpoint after STEPS // 2 and after STEPS
 BATCH, SEQ = 8, 64
 CHUNK_BYTES = 64 << 20  # whole-table reads go this many bytes at a time
 SAMPLE_ROWS = 4096  # rows drawn over the whole table before training, checked after it
+CHECK_ROWS = 1 << 16  # touched rows are checked this many at a time
 RSS_ANON_LIMIT = 2 * GiB
 RAM_FILESYSTEMS = {"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"}
 
@@ -107,18 +108,24 @@ def _oom_kills() -> int:
     return 0
 
 
-def _fstype(path: Path) -> str:
-    """The file system type of the mount that holds ``path``."""
+def _mount(path: Path) -> tuple[str, str]:
+    """(source, file system type) of the mount that holds ``path``."""
     path = os.path.realpath(path)
-    best, fstype = "", "?"
+    best, found = "", ("?", "?")
     with open("/proc/self/mounts") as f:
         for line in f:
-            _, mount, kind = line.split()[:3]
+            source, mount, kind = line.split()[:3]
             mount = mount.replace("\\040", " ")
             inside = path == mount or path.startswith(mount.rstrip("/") + "/")
             if inside and len(mount) >= len(best):
-                best, fstype = mount, kind
-    return fstype
+                best, found = mount, (source, kind)
+    return found
+
+
+def _device_written(path: Path) -> int | None:
+    """Bytes written so far to the block device that holds ``path`` (all processes), if it can be found."""
+    stat = Path("/sys/class/block") / Path(os.path.realpath(_mount(path)[0])).name / "stat"
+    return int(stat.read_text().split()[6]) * 512 if stat.exists() else None
 
 
 def _gb(n: float) -> str:
@@ -130,7 +137,7 @@ class MemoryWatch:
     background thread, and keeps per-phase peaks, times and I/O."""
 
     def __init__(self, journal: Path, interval: float = 0.02):
-        self.journal = journal
+        self.journal = journal  # its size is sampled too; the device written to is the one holding it
         self.interval = interval
         self.phases: list[dict] = []
         self.overall = {"RssAnon": 0, "RssFile": 0, "RSS": 0, "MemAvailable": math.inf, "journal": 0}
@@ -163,6 +170,7 @@ class MemoryWatch:
     @contextmanager
     def phase(self, name: str):
         io, faults, start = _io(), _major_faults(), time.perf_counter()
+        device = _device_written(self.journal.parent.parent)
         with self._lock:
             self._current = {"RssAnon": 0, "RssFile": 0, "RSS": 0, "MemAvailable": math.inf, "journal": 0}
         self.sample()
@@ -170,7 +178,7 @@ class MemoryWatch:
             yield
         finally:
             self.sample()
-            end_io = _io()
+            end_io, end_device = _io(), _device_written(self.journal.parent.parent)
             with self._lock:
                 peaks, self._current = self._current, None
             self.phases.append(
@@ -179,7 +187,8 @@ class MemoryWatch:
                     "seconds": time.perf_counter() - start,
                     **peaks,
                     "disk read": end_io["read"] - io["read"],
-                    "disk write": end_io["write"] - io["write"],
+                    "dirtied": end_io["write"] - io["write"],
+                    "device written": None if device is None else end_device - device,
                     "major faults": _major_faults() - faults,
                 }
             )
@@ -189,12 +198,15 @@ class MemoryWatch:
         self._thread.join()
 
     def report(self) -> str:
-        head = f"{'phase':<34}{'time':>9}{'RssAnon':>12}{'RssFile':>12}{'MemAvail':>12}{'read':>11}{'written':>11}"
+        head = f"{'phase':<34}{'time':>9}{'RssAnon':>12}{'RssFile':>12}{'MemAvail':>12}{'read':>11}{'dirtied':>11}"
+        head += f"{'dev.write':>11}"
         lines = [head + f"{'maj.faults':>12}"]
         for p in self.phases:
             lines.append(
                 f"{p['phase']:<34}{p['seconds']:>8.1f}s{_gb(p['RssAnon']):>12}{_gb(p['RssFile']):>12}"
-                f"{_gb(p['MemAvailable']):>12}{_gb(p['disk read']):>11}{_gb(p['disk write']):>11}{p['major faults']:>12,}"
+                f"{_gb(p['MemAvailable']):>12}{_gb(p['disk read']):>11}{_gb(p['dirtied']):>11}"
+                f"{'?' if p['device written'] is None else _gb(p['device written']):>11}"
+                f"{p['major faults']:>12,}"
             )
         o = self.overall
         lines.append(
@@ -292,23 +304,28 @@ class AdagradRecorder:
 
 
 def check_rows(table: DiskTable, weight_fd: int, state_fd: int, expected: dict, sample: dict) -> None:
-    """Touched rows: the table, the file and the float64 replay agree; sampled untouched rows: unchanged."""
-    rows, row_bytes = expected["rows"], table.dim * 4
-    got = table.read_rows(rows)
-    assert torch.equal(got, pread_rows(weight_fd, rows, row_bytes)), "the table and its file disagree"
-    torch.testing.assert_close(got.double(), expected["values"], rtol=1e-4, atol=2e-6)
-    moved = (expected["values"] - expected["initial"].double()).abs().amax(dim=1)
-    assert (moved > 1e-4).float().mean() > 0.99, "the training steps did not move the rows they touched"
-    sum_sq = table.row_states()["sum_sq"][rows]
-    assert torch.equal(sum_sq, pread_rows(state_fd, rows, 4).squeeze(1)), "sum_sq and its file disagree"
-    torch.testing.assert_close(sum_sq.double(), expected["sum_sq"], rtol=1e-4, atol=1e-12)
+    """Touched rows: the table, the file and the float64 replay agree; sampled untouched rows: unchanged.
 
-    untouched = ~torch.isin(sample["rows"], rows)
+    In slices of CHECK_ROWS rows, so that the check's own memory stays small next to the table's."""
+    row_bytes, sum_sq_state, moved = table.dim * 4, table.row_states()["sum_sq"], 0
+    for start in range(0, expected["rows"].numel(), CHECK_ROWS):
+        part = {key: value[start : start + CHECK_ROWS] for key, value in expected.items()}
+        rows = part["rows"]
+        got = table.read_rows(rows)
+        assert torch.equal(got, pread_rows(weight_fd, rows, row_bytes)), "the table and its file disagree"
+        torch.testing.assert_close(got.double(), part["values"], rtol=1e-4, atol=2e-6)
+        moved += int(((part["values"] - part["initial"].double()).abs().amax(dim=1) > 1e-4).sum())
+        sum_sq = sum_sq_state[rows]
+        assert torch.equal(sum_sq, pread_rows(state_fd, rows, 4).squeeze(1)), "sum_sq and its file disagree"
+        torch.testing.assert_close(sum_sq.double(), part["sum_sq"], rtol=1e-4, atol=1e-12)
+    assert moved > 0.99 * expected["rows"].numel(), "the training steps did not move the rows they touched"
+
+    untouched = ~torch.isin(sample["rows"], expected["rows"])
     assert untouched.sum() > 0.9 * sample["rows"].numel()  # a tiny fraction of the table is ever touched
     quiet = sample["rows"][untouched]
     assert torch.equal(table.read_rows(quiet), sample["initial"][untouched])
     assert torch.equal(pread_rows(weight_fd, quiet, row_bytes), sample["initial"][untouched])
-    assert not table.row_states()["sum_sq"][quiet].any()
+    assert not sum_sq_state[quiet].any()
 
 
 def read_whole_table(table: DiskTable, weight_fd: int, state_fd: int, crcs: list[int], expected: dict) -> None:
@@ -323,8 +340,10 @@ def read_whole_table(table: DiskTable, weight_fd: int, state_fd: int, crcs: list
     with torch.no_grad():
         for i, start in enumerate(range(0, table.num_rows, chunk)):
             stop = min(table.num_rows, start + chunk)
-            values = table(torch.arange(start, stop))  # the lookup path of a forward pass
+            # pread first: its read-ahead brings the chunk in with large reads; the table's mapping is
+            # MADV_RANDOM (no read-ahead), so faulting it in first would read the chunk 4 KiB at a time
             data = _pread_exact(weight_fd, (stop - start) * row_bytes, DATA_OFFSET + start * row_bytes)
+            values = table(torch.arange(start, stop))  # the lookup path of a forward pass
             from_file = torch.frombuffer(bytearray(data), dtype=torch.float32).view(stop - start, -1)
             assert torch.equal(values, from_file), f"rows {start}..{stop}: the table and its file disagree"
             crc, pos, view = 0, 0, memoryview(data)
@@ -350,7 +369,7 @@ def disk_needed(num_rows: int, dim: int, n_heads: int) -> int:
     rows_per_step = BATCH * SEQ * n_heads
     weight = DATA_OFFSET + num_rows * dim * 4
     sum_sq = DATA_OFFSET + num_rows * 4
-    journal = (STEPS // 2) * rows_per_step * (dim * 4 + 4 + 8 + 1)
+    journal = (STEPS // 2) * rows_per_step * (dim * 4 + 4 + 8 + 52)
     recordings = STEPS * rows_per_step * (8 + dim * 4) + min(num_rows, STEPS * rows_per_step) * dim * 4
     return weight + sum_sq + journal + recordings + GiB
 
@@ -414,22 +433,33 @@ def train_and_check(workdir: Path, config: EngramConfig, monkeypatch, report: li
             byte_lengths=token_byte_lengths(compressor),
             progress=False,
         )
+        journal_path, at_commit = table_dir / "journal.undo", []
+
+        def recording_commit(disk_table, step, commit=DiskTable.commit_checkpoint):
+            # just before the commit empties it, the journal holds every row changed since the last one
+            at_commit.append(journal_path.stat().st_size if journal_path.exists() else 0)
+            return commit(disk_table, step)
+
+        monkeypatch.setattr(DiskTable, "commit_checkpoint", recording_commit)
         losses, journals = [], []
         for half in (1, 2):
             with watch.phase(f"train steps {trainer.step + 1}-{half * STEPS // 2}"):
                 losses += trainer.train(until=half * STEPS // 2)
-            journal_bytes = (table_dir / "journal.undo").stat().st_size
             updates, rows = recorder.since_checkpoint
-            journals.append((journal_bytes, updates, rows))
-            # the journal holds each row changed since the checkpoint once: the documented bound
-            assert rows * (row_bytes + 4) <= journal_bytes <= 4096 + updates * 52 + rows * (8 + row_bytes + 4)
             with watch.phase(f"checkpoint at step {trainer.step}"):
                 checkpoint = trainer.save()
+            journals.append((at_commit[-1], updates, rows))
             recorder.checkpointed()
-            assert (table_dir / "journal.undo").stat().st_size < 4096  # committed: the journal is empty again
+            assert journal_path.stat().st_size <= 4096  # committed: the journal is empty again
+        # Before the first checkpoint there is nothing to return to, so nothing is journaled; before
+        # the second, the journal holds each row changed since the first once (weight, sum_sq, row id),
+        # plus 52 bytes per record (at least one row each).
+        assert journals[0][0] <= 4096
+        size, _, rows = journals[1]
+        assert rows * (row_bytes + 4 + 8) <= size <= 4096 + rows * (row_bytes + 4 + 8 + 52)
         assert table.metadata["committed_step"] == STEPS and not table.metadata["dirty"]
         assert all(math.isfinite(loss) for loss in losses)
-        assert np.mean(losses[-20:]) < np.mean(losses[:20]) - 0.5, "the model did not learn"
+        assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3, "the model did not learn"
         facts["checkpoint_bytes"] = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
         assert facts["checkpoint_bytes"] < 50 << 20  # the table is not copied into checkpoints
 
@@ -450,6 +480,7 @@ def train_and_check(workdir: Path, config: EngramConfig, monkeypatch, report: li
             reopened.close()
 
         step_times = np.diff(recorder.times)
+        training = [p for p in watch.phases if p["phase"].startswith("train")]
         facts.update(
             touched_rows=expected["rows"].numel(),
             lookups_per_step=BATCH * SEQ * config.n_heads,
@@ -459,6 +490,9 @@ def train_and_check(workdir: Path, config: EngramConfig, monkeypatch, report: li
             peak_rss_anon=watch.overall["RssAnon"],
             peak_rss_file=watch.overall["RssFile"],
             min_available=watch.overall["MemAvailable"],
+            read_per_step=sum(p["disk read"] for p in training) / STEPS,
+            dirtied_per_step=sum(p["dirtied"] for p in training) / STEPS,
+            rows_per_step=sum(n for n, _, _ in recorder.updates) / STEPS,
         )
         return facts
     finally:
@@ -468,11 +502,29 @@ def train_and_check(workdir: Path, config: EngramConfig, monkeypatch, report: li
             os.close(fd)
 
 
+def summary(facts: dict, mem_total: int) -> str:
+    row_mib = facts["rows_per_step"] * facts["dim"] * 4 / 2**20
+    lines = [
+        f"table {facts['rows']:,} rows x {facts['dim']} float32 = {_gb(facts['file_bytes'])} "
+        f"({facts['file_bytes'] / mem_total:.2f} x MemTotal), {_gb(facts['allocated_bytes'])} allocated on disk",
+        f"{STEPS} steps of {facts['lookups_per_step']:,} lookups: median {facts['step_seconds'][0]:.3f} s, "
+        f"p90 {facts['step_seconds'][1]:.3f} s; {facts['touched_rows']:,} distinct rows trained; "
+        f"loss {facts['losses'][0]:.2f} -> {facts['losses'][1]:.2f}",
+        f"per step: {facts['rows_per_step']:,.0f} rows updated ({row_mib:.1f} MiB of row data), "
+        f"{_gb(facts['read_per_step'])} read from the disk, {_gb(facts['dirtied_per_step'])} of pages dirtied",
+    ]
+    for i, (size, updates, rows) in enumerate(facts["journals"]):
+        changed = f"{rows:,} rows changed in the {updates} steps before"
+        lines.append(f"journal at checkpoint {i + 1}: {size / 2**20:.1f} MiB; {changed}")
+    lines.append(f"checkpoint folder: {facts['checkpoint_bytes'] / 2**20:.2f} MiB")
+    return "\n".join(lines)
+
+
 def test_a_table_larger_than_ram_trains_and_reads_back_with_bounded_memory(tmp_path, monkeypatch):
     if not sys.platform.startswith("linux"):
         pytest.skip("reads this process's memory from /proc (Linux)")
     parent = Path(os.environ.get("ENGRAM_BIG_TABLE_DIR", tmp_path))
-    fstype = _fstype(parent)
+    fstype = _mount(parent)[1]
     if fstype in RAM_FILESYSTEMS:
         pytest.skip(f"{parent} is on {fstype}, which is memory; set ENGRAM_BIG_TABLE_DIR to a folder on a disk")
     mem_total = _meminfo("MemTotal")
@@ -499,18 +551,7 @@ def test_a_table_larger_than_ram_trains_and_reads_back_with_bounded_memory(tmp_p
             *report,
             sep="\n",
         )
-    print(
-        f"table {facts['rows']:,} rows x {facts['dim']} float32 = {_gb(facts['file_bytes'])} "
-        f"({facts['file_bytes'] / mem_total:.2f} x MemTotal), {_gb(facts['allocated_bytes'])} allocated on disk\n"
-        f"{STEPS} steps of {facts['lookups_per_step']:,} lookups: median {facts['step_seconds'][0]:.3f} s, "
-        f"p90 {facts['step_seconds'][1]:.3f} s; {facts['touched_rows']:,} distinct rows trained; "
-        f"loss {facts['losses'][0]:.2f} -> {facts['losses'][1]:.2f}\n"
-        + "\n".join(
-            f"journal before checkpoint {i + 1}: {b / 2**20:.1f} MiB for {rows:,} rows in {n} updates"
-            for i, (b, n, rows) in enumerate(facts["journals"])
-        )
-        + f"\ncheckpoint folder: {facts['checkpoint_bytes'] / 2**20:.2f} MiB"
-    )
+    print(summary(facts, mem_total))
     assert facts["file_bytes"] > mem_total
     assert facts["allocated_bytes"] >= facts["file_bytes"] - DATA_OFFSET  # not sparse: every page is on the disk
     assert facts["peak_rss_anon"] < RSS_ANON_LIMIT

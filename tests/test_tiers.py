@@ -305,3 +305,31 @@ def test_the_metrics_report_each_cache_hit_rate(compressor, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rates = [r["table1_cache_hit_rate"] for r in records]
     assert len(rates) == 2 and all(0.0 < rate < 1.0 for rate in rates)
+
+
+def test_a_crash_before_the_first_checkpoint_is_not_trained_over(compressor, tmp_path):
+    crashed = _disk_trainer(compressor, tmp_path)
+    crashed.train(until=2)  # no checkpoint yet (every 4 steps)
+    crashed.model.engram_tables()[0].flush()
+    del crashed
+    again = _disk_trainer(compressor, tmp_path)
+    assert not again.resume()
+    with pytest.raises(TableStateError, match="already been trained"):
+        again.train()
+
+
+def test_table_file_rows_written_with_pwrite_are_seen_by_the_mapping(tmp_path):
+    from engram.storage.table_file import TableFile
+
+    for dtype in (torch.float32, torch.bfloat16, torch.int64):
+        table = TableFile.create(tmp_path / f"{dtype}.table", 50, 3, dtype)
+        rows = torch.tensor([2, 3, 4, 9, 40])  # a run of three and two single rows
+        values = torch.arange(15).view(5, 3).to(dtype)
+        table.write_rows(rows, values)
+        assert torch.equal(table.tensor[rows], values)
+        assert int((table.tensor != 0).any(dim=1).sum()) == 5  # no other row changed
+        raw = (tmp_path / f"{dtype}.table").read_bytes()[8192:]
+        itemsize = values.element_size()
+        on_disk = torch.frombuffer(bytearray(raw[9 * 3 * itemsize : 10 * 3 * itemsize]), dtype=dtype)
+        assert torch.equal(on_disk, values[3])
+        table.close()

@@ -147,7 +147,9 @@ class DiskTable(OffloadedTable):
     def buffer(self) -> WriteBuffer | None:
         """The write-back buffer (None when ``write_buffer_bytes`` is 0)."""
         if self._buffer is None and self.write_buffer_bytes > 0:
-            self._buffer = WriteBuffer(self._arrays(), self.write_buffer_bytes, self._before_file_write)
+            self._buffer = WriteBuffer(
+                self._arrays(), self.write_buffer_bytes, self._before_file_write, write_rows=self._file_write
+            )
         return self._buffer
 
     def journal(self) -> UndoJournal:
@@ -171,10 +173,15 @@ class DiskTable(OffloadedTable):
         values = buffer.read("weight", rows)
         return values if out is None else out.copy_(values)
 
+    def _file_write(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Write rows (U,) of array ``name`` into its file with ``pwrite`` (``TableFile.write_rows``)."""
+        table_file = self.weight_file if name == "weight" else self._state_files[name]
+        table_file.write_rows(rows, values)
+
     def _write_weight(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         buffer = self.buffer()
         if buffer is None:
-            super()._write_weight(rows, values)
+            self._file_write("weight", rows, values)
         else:
             buffer.write("weight", rows, values)
 
@@ -185,7 +192,7 @@ class DiskTable(OffloadedTable):
     def write_state(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         buffer = self.buffer()
         if buffer is None:
-            super().write_state(name, rows, values)
+            self._file_write(name, rows, values)
         else:
             buffer.write(name, rows, values)
 
@@ -198,6 +205,8 @@ class DiskTable(OffloadedTable):
     def begin_update(self, rows: torch.Tensor) -> None:
         if not self.writable:
             raise RuntimeError(f"the table at {self.directory} was opened read-only (writable=False)")
+        if not self.metadata.get("trained"):  # so that a run restarted from scratch can tell
+            self._set_metadata(trained=True)
         if self.buffer() is None:  # with a buffer, the files change only when rows are written back
             self._before_file_write(rows)
 
@@ -277,6 +286,16 @@ class DiskTable(OffloadedTable):
         table.flush()
         table._set_metadata(committed_step=committed_step, prepared_step=None, dirty=False)
         return table
+
+    def check_untrained(self) -> None:
+        """Raise unless no optimizer has updated this table yet (a run that starts at step 0 needs that)."""
+        meta = self.metadata
+        if meta.get("trained") or meta.get("committed_step") is not None:
+            raise TableStateError(
+                f"the disk table at {self.directory} has already been trained (last checkpoint step "
+                f"{meta.get('committed_step')}), but this run starts at step 0: resume the run it belongs to, "
+                "or give this run another storage.directory (or delete the folder)"
+            )
 
     def close(self) -> None:
         """Flush and unmap the files; the table cannot be used afterwards."""

@@ -347,6 +347,30 @@ class TableFile:
             raise TableFileError(f"{self.path} is closed")
         return self._tensor
 
+    def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Write rows (U,) (distinct; sorted rows merge into fewer writes) with values (U, dim) by ``pwrite``.
+
+        The mapping sees the new values at once (one page cache). Storing into the mapping instead
+        would mark whole cached chunks of the file dirty (the kernel may cache a file in blocks much
+        larger than a page), so that writing back a few scattered rows rewrites megabytes.
+        """
+        if not self.writable:
+            raise TableFileError(f"{self.path} is open read-only; open it with writable=True to write rows")
+        data = values.to(self.dtype).contiguous().view(-1, self.dim)
+        raw = data.view(torch.uint8).numpy()  # (U, dim * itemsize) bytes; works for bfloat16 too
+        row_bytes = raw.shape[1]
+        ids = rows.tolist()
+        fd = self._file.fileno()
+        start = 0
+        for end in range(1, len(ids) + 1):
+            if end == len(ids) or ids[end] != ids[end - 1] + 1:  # a run of consecutive rows ends here
+                view = memoryview(raw[start:end]).cast("B")
+                offset = DATA_OFFSET + ids[start] * row_bytes
+                while view:  # pwrite may write less than asked
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+                start = end
+
     def flush(self) -> None:
         """Write changed rows to the file and wait for the disk (msync)."""
         if self._mmap is None:

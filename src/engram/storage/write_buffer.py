@@ -35,6 +35,8 @@ class WriteBuffer:
         arrays: name -> backing tensor (R, ...) (memory-mapped); every array has the same R.
         capacity_bytes: memory for the slots (each slot holds one row of every array plus an int64 tag).
         before_write_back: called with the rows (U,) about to be written into the backing arrays.
+        write_rows: ``write_rows(name, rows, values)`` writes rows into a backing array (default:
+            ``index_copy_``; a disk table writes its files with ``pwrite``).
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class WriteBuffer:
         arrays: dict[str, torch.Tensor],
         capacity_bytes: int,
         before_write_back: Callable[[torch.Tensor], None] = lambda rows: None,
+        write_rows: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
     ):
         self.arrays = dict(arrays)
         slot_bytes = 8 + sum(array[0].numel() * array.element_size() for array in self.arrays.values())
@@ -49,6 +52,7 @@ class WriteBuffer:
         if self.num_slots < 1:
             raise ValueError(f"a write buffer of {capacity_bytes} bytes holds no row; give at least {slot_bytes}")
         self.before_write_back = before_write_back
+        self.write_rows = write_rows or (lambda name, rows, values: self.arrays[name].index_copy_(0, rows, values))
         self.tags = torch.full((self.num_slots,), EMPTY, dtype=torch.long)
         self.data = {name: array.new_empty(self.num_slots, *array.shape[1:]) for name, array in self.arrays.items()}
 
@@ -104,7 +108,7 @@ class WriteBuffer:
     def _write_back_rows(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         self.before_write_back(rows)
         for name, value in values.items():
-            self.arrays[name].index_copy_(0, rows, value.to(self.arrays[name].dtype))
+            self.write_rows(name, rows, value.to(self.arrays[name].dtype))
 
     def write_back_all(self) -> None:
         """Write every buffered row back and empty the buffer (before a flush of the files)."""
