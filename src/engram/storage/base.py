@@ -154,6 +154,9 @@ class TableStorage(nn.Module, ABC):
     def commit_checkpoint(self, step: int) -> None:
         """Second phase, after the checkpoint folder is complete: ``step`` is now the table's restore point."""
 
+    def check_untrained(self) -> None:
+        """Raise if a table that persists itself was already trained (a run starting at step 0 needs a fresh one)."""
+
     def restore_checkpoint(self, step: int) -> None:
         """Bring the table back to its state at checkpoint ``step`` (``persists_itself`` tiers), or raise."""
 

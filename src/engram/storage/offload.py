@@ -11,11 +11,11 @@ Shapes: U distinct rows of a lookup, D = dim.
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from engram.storage.base import TableStorage
 from engram.storage.prefetch import FetchedRows, PendingRows
 from engram.storage.row_cache import RowCache
+from engram.storage.row_grad import RowGradients
 
 
 class OffloadedTable(TableStorage):
@@ -37,7 +37,7 @@ class OffloadedTable(TableStorage):
         self.weight = weight
         self.cache = RowCache(cache_bytes, self.dim, weight.dtype) if cache_bytes > 0 else None
         self.prefetch_enabled = prefetch
-        self._grad_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._row_grads = RowGradients()
 
     # -- reading -----------------------------------------------------------------------------------
     def fetch(self, indices: torch.Tensor) -> FetchedRows:
@@ -67,11 +67,7 @@ class OffloadedTable(TableStorage):
 
     def lookup(self, indices: torch.Tensor, prefetched: PendingRows | None = None) -> torch.Tensor:
         fetched = prefetched.result(indices) if prefetched is not None else self.fetch(indices)
-        values = fetched.values  # (U, D)
-        if self.training and torch.is_grad_enabled():
-            values = values.detach().requires_grad_()
-            self._grad_rows.append((fetched.rows, values))
-        return F.embedding(fetched.inverse, values, sparse=True)  # (*indices.shape, D)
+        return self._row_grads.expand(fetched, track=self.training and torch.is_grad_enabled())
 
     @torch.no_grad()
     def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -97,29 +93,11 @@ class OffloadedTable(TableStorage):
             self.cache.update(rows, values)
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        # Each lookup's leaf holds a sparse gradient with one entry per looked-up index. Mapped to
-        # table rows and added up lookup by lookup (as autograd accumulates a device table's sparse
-        # gradient), then coalesced, the entries are summed in the same order as on a device table,
-        # so every tier computes bit-identical updates.
-        total = None
-        for rows, values in self._grad_rows:
-            grad = values.grad
-            if grad is None:
-                continue
-            positions = rows.to(grad.device)[grad._indices()[0]].unsqueeze(0)  # in range by construction
-            shape = (self.num_rows, self.dim)
-            entry = torch.sparse_coo_tensor(positions, grad._values(), shape, check_invariants=False)
-            total = entry if total is None else total + entry
-        self._grad_rows = []
-        if total is None:
-            return None
-        total = total.coalesce()
-        return total.indices()[0].cpu(), total.values().cpu()
+        total = self._row_grads.take(self.num_rows, self.dim)
+        return None if total is None else (total.indices()[0].cpu(), total.values().cpu())
 
     def zero_row_grad(self) -> None:
-        # Lookups whose backward has not run yet keep their place: training loops commonly zero the
-        # gradients between the forward and the backward pass.
-        self._grad_rows = [(rows, values) for rows, values in self._grad_rows if values.grad is None]
+        self._row_grads.zero()
 
     def extra_repr(self) -> str:
         cache = f", cache_rows={self.cache.num_slots}" if self.cache is not None else ""

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 
 from engram.storage.base import TableStorage
 from engram.storage.prefetch import FetchedRows, PendingRows
+from engram.storage.row_grad import RowGradients
 
 
 def shard_ranges(num_rows: int, world_size: int) -> list[tuple[int, int]]:
@@ -62,7 +62,7 @@ class ShardedTable(TableStorage):
         self.local = local
         bounds = torch.tensor([end for _, end in ranges[:-1]], dtype=torch.long)  # first row of ranks 1..W-1
         self.register_buffer("bounds", bounds, persistent=False)
-        self._grad_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._row_grads = RowGradients()
         self.bytes_sent = 0  # payload bytes this rank sent in lookups and gradients (for benchmarks)
 
     @property
@@ -116,12 +116,7 @@ class ShardedTable(TableStorage):
         return None
 
     def lookup(self, indices: torch.Tensor, prefetched: PendingRows | None = None) -> torch.Tensor:
-        fetched = self.fetch(indices)
-        values = fetched.values
-        if self.training and torch.is_grad_enabled():
-            values = values.detach().requires_grad_()
-            self._grad_rows.append((fetched.rows, values))
-        return F.embedding(fetched.inverse, values, sparse=True)
+        return self._row_grads.expand(self.fetch(indices), track=self.training and torch.is_grad_enabled())
 
     def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Collective: rows (U,) distinct, global ids, from their owners."""
@@ -141,13 +136,8 @@ class ShardedTable(TableStorage):
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Collective: the summed gradient of the rows this rank owns, as local ids of ``local``."""
-        entries = [(rows, values.grad) for rows, values in self._grad_rows if values.grad is not None]
-        self._grad_rows = []
-        if entries:
-            rows = torch.cat([r.to(g.device)[g._indices()[0]] for r, g in entries])
-            grads = torch.cat([g._values() for _, g in entries])
-            shape = (self.num_rows, self.dim)
-            total = torch.sparse_coo_tensor(rows.unsqueeze(0), grads, shape, check_invariants=False).coalesce()
+        total = self._row_grads.take(self.num_rows, self.dim)
+        if total is not None:
             rows, grads = total.indices()[0], total.values()
         else:  # this rank looked nothing up, but the others may send it gradients
             rows = torch.empty(0, dtype=torch.long)
@@ -164,7 +154,7 @@ class ShardedTable(TableStorage):
         return summed.indices()[0], summed.values()
 
     def zero_row_grad(self) -> None:
-        self._grad_rows = [(rows, values) for rows, values in self._grad_rows if values.grad is None]
+        self._row_grads.zero()
 
     def _new_row_state(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         raise RuntimeError("a sharded table keeps optimizer state in its local table: use optimizer_target()")

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from engram.data.batches import RandomWindows
 from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.lm import EngramLM
-from engram.storage.disk import DiskTable
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.training.config import TrainConfig, lr_factor
 from engram.training.metrics import MetricsLog, plot_losses
@@ -179,8 +178,7 @@ class Trainer:
         until = self.config.steps if until is None else min(until, self.config.steps)
         if self.step == 0:  # a disk table trained by an earlier, crashed attempt must not be reused silently
             for table in self.model.engram_tables():
-                if isinstance(table, DiskTable):
-                    table.check_untrained()
+                table.check_untrained()
         losses: list[float] = []
         tokens_per_step = self.config.batch_size * self.config.seq_len
         bar = tqdm(
