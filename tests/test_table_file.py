@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from engram.storage import table_file
+from engram.storage import DeviceTable, DiskTable, HostTable, shard_ranges
+from engram.storage import init as table_init
 from engram.storage.table_file import TableFile, TableFileError
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -113,13 +114,34 @@ def test_init_is_deterministic_independent_of_chunking_and_has_the_right_std(tmp
 
 def test_chunks_cross_the_random_blocks(tmp_path, monkeypatch):
     # small blocks, so that chunks of 7 rows start and end inside blocks and span several of them
-    monkeypatch.setattr(table_file, "_RNG_BLOCK", 50)
+    monkeypatch.setattr(table_init, "BLOCK", 50)
     with (
         TableFile.create(tmp_path / "a", 40, 9, init_std=1.0) as a,
         TableFile.create(tmp_path / "b", 40, 9, init_std=1.0, chunk_rows=7) as b,
     ):
         assert torch.equal(a.tensor, b.tensor)
         assert len(torch.unique(a.tensor)) == 360  # no block repeated
+
+
+def test_every_tier_and_every_shard_starts_from_the_same_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(table_init, "BLOCK", 50)  # shards start and end inside blocks
+    whole = DeviceTable(40, 9, init_std=0.5, seed=3).weight.detach()
+    assert torch.equal(HostTable(40, 9, init_std=0.5, seed=3).weight, whole)
+    assert torch.equal(DiskTable(tmp_path / "d", 40, 9, init_std=0.5, seed=3).weight, whole)
+    # the rows of a 3-way sharding, each built on its own, are the whole table's rows
+    for index, (start, end) in enumerate(shard_ranges(40, 3)):
+        shards = (
+            DeviceTable(end - start, 9, init_std=0.5, seed=3, first_row=start).weight.detach(),
+            HostTable(end - start, 9, init_std=0.5, seed=3, first_row=start).weight,
+            DiskTable(tmp_path / f"s{index}", end - start, 9, init_std=0.5, seed=3, first_row=start).weight,
+        )
+        for shard in shards:
+            assert torch.equal(shard, whole[start:end])
+    assert not torch.equal(DeviceTable(40, 9, init_std=0.5, seed=4).weight.detach(), whole)
+    torch.manual_seed(0)
+    drawn = DeviceTable(40, 9).weight.detach()
+    torch.manual_seed(0)
+    assert torch.equal(HostTable(40, 9).weight, drawn)  # the seed comes from the global generator
 
 
 def test_zeros_are_created_sparse(tmp_path):
@@ -270,7 +292,7 @@ def test_failed_create_leaves_nothing_behind(tmp_path, monkeypatch):
             raise OSError("disk full")
         return torch.zeros(stop - start)
 
-    monkeypatch.setattr(table_file._NormalStream, "take", failing_take)
+    monkeypatch.setattr(table_init.NormalStream, "take", failing_take)
     with pytest.raises(OSError, match="disk full"):
         TableFile.create(path, 100, 2, init_std=1.0, chunk_rows=10, overwrite=True)
     assert len(calls) == 3  # it failed midway through writing

@@ -3,68 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from engram import EngramConfig
-from engram.model import ModelConfig, MoEConfig
-from tests.corpus import SONNETS, sonnets_tokenizer
+from tests.cli_runs import make_workspace, run_engram
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _engram(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ENGRAM_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "engram.cli.main", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=REPO,
-    )
+_engram = run_engram
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("workflow")
-    tokenizer = root / "tokenizer.json"
-    sonnets_tokenizer().save(str(tokenizer))
-    model = root / "model.json"
-    engram = EngramConfig(
-        layer_ids=[1], n_head_per_ngram=2, n_embed_per_ngram=16, engram_vocab_size=[997, 997], pad_id=0
-    )
-    config = ModelConfig(
-        vocab_size=2,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        max_seq_len=64,
-        engram=engram,
-        moe=MoEConfig(n_routed_experts=4, top_k=2, expert_hidden=32),
-    )
-    model.write_text(config.to_json())
-    data = root / "data"
-    result = _engram(
-        "data",
-        SONNETS,
-        "--out",
-        data,
-        "--tokenizer",
-        tokenizer,
-        "--split",
-        "0.8,0.1,0.1",
-        "--max-doc-chars",
-        "3000",
-        "--quiet",
-        cache=root,
-    )
-    assert result.returncode == 0, result.stderr
-    return {"root": root, "tokenizer": tokenizer, "model": model, "data": data}
+    return make_workspace(tmp_path_factory.mktemp("workflow"))
 
 
 def _train(ws: dict[str, Path], run: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:

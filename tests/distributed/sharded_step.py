@@ -46,7 +46,7 @@ def main() -> None:
     else:
         local = DiskTable(out_dir / f"shard{rank}", end - start, DIM, init_std=0.0, write_buffer_bytes=1 << 16)
     local.write_rows(torch.arange(end - start), table[start:end])
-    sharded = ShardedTable(ROWS, DIM, local).train()
+    sharded = ShardedTable(ROWS, DIM, local, grad_reduction="sum").train()  # the loss is a sum over ranks
     optimizer = RowAdam([sharded], lr=0.1)
     mine = slice(rank * BATCH // world, (rank + 1) * BATCH // world)  # this rank's sequences
     looked_up = sharded(indices[mine])

@@ -65,10 +65,11 @@ def run(args: argparse.Namespace) -> int:
         storage=tree["storage"],
     )
     trainer = start_run(spec, args.out, progress=not args.no_progress)
+    report = print if trainer.rank == 0 else (lambda *_: None)  # one report for a job of several ranks
     if trainer.step:
-        print(f"resuming {args.out} at step {trainer.step}")
+        report(f"resuming {args.out} at step {trainer.step}")
     trainer.train()
     result = trainer.evaluate()
-    print(json.dumps({"step": trainer.step, **{k: round(v, 4) for k, v in result.items()}}))
-    print(f"run folder: {args.out} (metrics.jsonl, loss.png, checkpoints/)")
+    report(json.dumps({"step": trainer.step, **{k: round(v, 4) for k, v in result.items()}}))
+    report(f"run folder: {args.out} (metrics.jsonl, loss.png, checkpoints/)")
     return 0

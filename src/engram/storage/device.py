@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engram.storage.base import TableStorage
+from engram.storage.init import draw_seed, fill_normal_rows
 from engram.storage.prefetch import PendingRows
 
 
@@ -15,7 +16,9 @@ class DeviceTable(TableStorage):
 
     Args:
         num_rows, dim: table shape.
-        init_std: rows start as N(0, init_std^2).
+        init_std, seed, first_row: rows start as rows ``[first_row, first_row + num_rows)`` of the
+            N(0, init_std^2) table of ``seed`` (``engram.storage.init``; None draws the seed from
+            torch's global generator), identical in every tier.
         sparse_grad: produce a sparse gradient (only looked-up rows), for sparse optimizers.
         dtype, device: of the parameter.
     """
@@ -28,11 +31,13 @@ class DeviceTable(TableStorage):
         sparse_grad: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        seed: int | None = None,
+        first_row: int = 0,
     ):
         super().__init__(num_rows, dim)
         self.sparse_grad = sparse_grad
         self.weight = nn.Parameter(torch.empty(num_rows, dim, dtype=dtype, device=device))
-        nn.init.normal_(self.weight, std=init_std)
+        fill_normal_rows(self.weight.data, draw_seed() if seed is None else seed, init_std, first_row)
 
     @property
     def home_device(self) -> torch.device:

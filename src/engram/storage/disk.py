@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from engram.storage.init import draw_seed
 from engram.storage.journal import UndoJournal
 from engram.storage.offload import OffloadedTable
 from engram.storage.table_file import TableFile
@@ -41,12 +42,14 @@ class DiskTable(OffloadedTable):
     """Table rows (and optimizer state) in memory-mapped files under ``directory``.
 
     Opens the table in ``directory`` if there is one (checking its shape and dtype), else creates
-    it with rows ~ N(0, init_std^2) drawn from a generator seeded with ``seed``.
+    it with rows ~ N(0, init_std^2) of ``seed`` (``engram.storage.init``: the same rows as a device
+    or host table of that seed).
 
     Args:
         directory: the table's folder.
         num_rows, dim, dtype: expected shape and dtype (None: whatever the existing file holds).
-        init_std, seed: initial rows of a new table.
+        init_std, seed, first_row: initial rows of a new table, as in ``DeviceTable`` (seed None:
+            drawn from torch's global generator).
         cache_bytes: hot-row cache size in bytes (0: none).
         prefetch: fetch rows in a background thread when the model announces a batch.
         journal: keep an undo journal so that a crash between checkpoints can be rolled back;
@@ -64,7 +67,8 @@ class DiskTable(OffloadedTable):
         num_rows: int | None = None,
         dim: int | None = None,
         init_std: float = 1.0,
-        seed: int = 0,
+        seed: int | None = None,
+        first_row: int = 0,
         dtype: torch.dtype | None = None,
         cache_bytes: int = 0,
         prefetch: bool = True,
@@ -96,7 +100,8 @@ class DiskTable(OffloadedTable):
                 dim,
                 dtype or torch.float32,
                 init_std=init_std,
-                seed=seed,
+                seed=draw_seed() if seed is None else seed,
+                first_row=first_row,
                 metadata={"committed_step": None, "prepared_step": None, "dirty": False},
             )
         self.weight_file = weight_file

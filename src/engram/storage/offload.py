@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from engram.storage.base import TableStorage
+from engram.storage.init import draw_seed, fill_normal_rows
 from engram.storage.prefetch import FetchedRows, PendingRows
 from engram.storage.row_cache import RowCache
 from engram.storage.row_grad import RowGradients
@@ -107,13 +108,12 @@ class OffloadedTable(TableStorage):
 class HostTable(OffloadedTable):
     """Table rows in host memory; the model and its activations may sit on a GPU.
 
-    Rows start as N(0, init_std^2) from the global generator, exactly like a ``DeviceTable`` of the
-    same shape built at the same point, and the weight is saved in the model's ``state_dict`` under
-    the same key, so checkpoints move between the two tiers unchanged.
+    Rows start exactly like a ``DeviceTable``'s of the same shape and seed, and the weight is saved
+    in the model's ``state_dict`` under the same key, so the two tiers' checkpoints are the same.
 
     Args:
         num_rows, dim: table shape.
-        init_std: standard deviation of the initial rows.
+        init_std, seed, first_row: the initial rows, as in ``DeviceTable``.
         dtype: of the rows.
         pin_memory: page-lock the whole table. Not needed for fast copies: lookups bound for a GPU
             gather their rows into page-locked staging memory anyway, and PyTorch's pinned allocator
@@ -130,11 +130,13 @@ class HostTable(OffloadedTable):
         pin_memory: bool = False,
         cache_bytes: int = 0,
         prefetch: bool = True,
+        seed: int | None = None,
+        first_row: int = 0,
     ):
         if num_rows < 1 or dim < 1:
             raise ValueError(f"a table needs num_rows >= 1 and dim >= 1, got ({num_rows}, {dim})")
         weight = torch.empty(num_rows, dim, dtype=dtype, pin_memory=bool(pin_memory))
-        torch.nn.init.normal_(weight, std=init_std)
+        fill_normal_rows(weight, draw_seed() if seed is None else seed, init_std, first_row)
         super().__init__(weight, cache_bytes=cache_bytes, prefetch=prefetch)
 
     def _new_row_state(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -11,14 +11,19 @@ Forward, for the distinct rows U of this rank's batch (sorted, so grouped by own
     values  <-- all_to_all --  the rows I asked for, in the order I asked (that is, sorted)
 
 Backward leaves each rank a gradient for its U rows; ``take_row_grad`` sends every row's gradient
-to its owner the same way, and the owner sums what it receives. The sparse optimizer then updates
-the owner's local table (``optimizer_target``), whose state lives in the local tier.
+to its owner the same way, and the owner sums what it receives and divides by the world size: each
+rank's loss is the mean over its own tokens, so this is the gradient of the mean over the combined
+batch, as DDP's all-reduce gives the dense parameters. The sparse optimizer then updates the owner's
+local table (``optimizer_target``), whose state lives in the local tier.
 
 Bytes exchanged per lookup: U x 8 (ids) out, U x dim x itemsize (rows) back, and the same row bytes
 again for the gradient: the minimum for moving each distinct row once each way.
 """
 
 from __future__ import annotations
+
+import time
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -43,27 +48,44 @@ class ShardedTable(TableStorage):
         num_rows, dim: the whole table's shape.
         local: this rank's shard, a table of ``end - start`` rows (``shard_ranges``) in any tier.
         group: the process group (default: the world).
+        grad_reduction: ``"mean"`` (default, as DDP) or ``"sum"`` of the ranks' gradients of a row.
+
+    Attributes:
+        bytes_sent: payload bytes this rank has sent (ids, rows and gradients), for benchmarks.
+        comm_seconds: wall time this rank has spent in the exchanges (host side: with NCCL this is
+            the time to enqueue them unless the caller synchronises).
     """
 
-    def __init__(self, num_rows: int, dim: int, local: TableStorage, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        local: TableStorage,
+        group: dist.ProcessGroup | None = None,
+        grad_reduction: Literal["mean", "sum"] = "mean",
+    ):
         super().__init__(num_rows, dim)
         if not dist.is_initialized():
             raise RuntimeError("a ShardedTable needs torch.distributed: call init_process_group first (torchrun)")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        ranges = shard_ranges(num_rows, self.world_size)
-        self.start, self.end = ranges[self.rank]
+        self.ranges = shard_ranges(num_rows, self.world_size)  # every rank's [start, end)
+        self.start, self.end = self.ranges[self.rank]
         if (local.num_rows, local.dim) != (self.end - self.start, dim):
             raise ValueError(
                 f"rank {self.rank} owns rows [{self.start}, {self.end}) of the table: its local table must be "
                 f"({self.end - self.start}, {dim}), got ({local.num_rows}, {local.dim})"
             )
         self.local = local
-        bounds = torch.tensor([end for _, end in ranges[:-1]], dtype=torch.long)  # first row of ranks 1..W-1
+        bounds = torch.tensor([end for _, end in self.ranges[:-1]], dtype=torch.long)  # first row of ranks 1..W-1
         self.register_buffer("bounds", bounds, persistent=False)
+        if grad_reduction not in ("mean", "sum"):
+            raise ValueError(f"grad_reduction must be 'mean' or 'sum', got {grad_reduction!r}")
+        self.grad_reduction = grad_reduction
         self._row_grads = RowGradients()
-        self.bytes_sent = 0  # payload bytes this rank sent in lookups and gradients (for benchmarks)
+        self.bytes_sent = 0
+        self.comm_seconds = 0.0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -76,6 +98,26 @@ class ShardedTable(TableStorage):
     def optimizer_target(self) -> TableStorage:
         return self.local
 
+    # -- durability: this rank's shard is its local table ----------------------------------------------
+    @property
+    def persists_itself(self) -> bool:  # type: ignore[override]
+        return self.local.persists_itself
+
+    def flush(self) -> None:
+        self.local.flush()
+
+    def prepare_checkpoint(self, step: int) -> None:
+        self.local.prepare_checkpoint(step)
+
+    def commit_checkpoint(self, step: int) -> None:
+        self.local.commit_checkpoint(step)
+
+    def restore_checkpoint(self, step: int) -> None:
+        self.local.restore_checkpoint(step)
+
+    def check_untrained(self) -> None:
+        self.local.check_untrained()
+
     # -- the exchange ------------------------------------------------------------------------------------
     def _comm_device(self) -> torch.device:
         """Where tensors must be for the group's backend (the current GPU for NCCL, else the CPU)."""
@@ -87,7 +129,10 @@ class ShardedTable(TableStorage):
         """all_to_all of ``tensor`` (sum(send_counts), ...) grouped by destination rank."""
         device = self._comm_device()
         out = torch.empty(sum(recv_counts), *tensor.shape[1:], dtype=tensor.dtype, device=device)
-        dist.all_to_all_single(out, tensor.to(device).contiguous(), recv_counts, send_counts, group=self.group)
+        tensor = tensor.to(device).contiguous()
+        began = time.perf_counter()
+        dist.all_to_all_single(out, tensor, recv_counts, send_counts, group=self.group)
+        self.comm_seconds += time.perf_counter() - began
         self.bytes_sent += tensor.numel() * tensor.element_size()
         return out
 
@@ -96,7 +141,9 @@ class ShardedTable(TableStorage):
         owners = torch.bucketize(rows, self.bounds.to(rows.device), right=True)
         send = torch.bincount(owners, minlength=self.world_size).to(self._comm_device())
         recv = torch.empty_like(send)
+        began = time.perf_counter()
         dist.all_to_all_single(recv, send, group=self.group)
+        self.comm_seconds += time.perf_counter() - began
         return send.tolist(), recv.tolist()
 
     # -- reading ------------------------------------------------------------------------------------------
@@ -135,7 +182,7 @@ class ShardedTable(TableStorage):
         self.local.write_rows(rows - self.start, values)
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Collective: the summed gradient of the rows this rank owns, as local ids of ``local``."""
+        """Collective: the gradient of the rows this rank owns (mean or sum over ranks), as ids of ``local``."""
         total = self._row_grads.take(self.num_rows, self.dim)
         if total is not None:
             rows, grads = total.indices()[0], total.values()
@@ -150,6 +197,8 @@ class ShardedTable(TableStorage):
         shape = (self.end - self.start, self.dim)
         local = owned_rows.to(self.local.home_device) - self.start
         grads = owned_grads.to(local.device)
+        if self.grad_reduction == "mean":
+            grads = grads / self.world_size
         summed = torch.sparse_coo_tensor(local.unsqueeze(0), grads, shape, check_invariants=False).coalesce()
         return summed.indices()[0], summed.values()
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from engram._files import fsync_dir
+from engram.storage.init import NormalStream
 
 MAGIC = b"ENGRAMTB"
 VERSION = 1
@@ -52,7 +53,6 @@ _DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "int64": (torch.int64, "<i8"),  # optimizer state such as per-row step counts
 }
 _CHUNK_BYTES = 64 << 20  # bound on the float32 buffer of one chunk of random rows
-_RNG_BLOCK = 1 << 20  # random values are drawn in fixed blocks of this many elements (see _NormalStream)
 
 
 class TableFileError(ValueError):
@@ -89,39 +89,6 @@ def _slot_bytes(json_bytes: bytes, seq: int) -> bytes:
     body = _PREFIX.pack(MAGIC, VERSION, len(json_bytes), seq) + json_bytes
     body += bytes(_CHECKED_BYTES - len(body))
     return body + hashlib.sha256(body).digest()
-
-
-def _block_seed(seed: int, block: int) -> int:
-    # a 64-bit seed per block, so that blocks are independent streams of the one user seed
-    return int.from_bytes(hashlib.sha256(f"engram-table/{seed}/{block}".encode()).digest()[:8], "little")
-
-
-class _NormalStream:
-    """Standard normal float32 values addressed by flat element index.
-
-    Element ``i`` comes from block ``i // _RNG_BLOCK``, drawn whole from its own seeded generator,
-    so the values do not depend on how the file is cut into chunks while writing.
-    """
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self._block = -1
-        self._values = torch.empty(0)
-
-    def take(self, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` as a float32 tensor of shape (stop - start,)."""
-        parts = []
-        while start < stop:
-            block = start // _RNG_BLOCK
-            if block != self._block:  # chunks usually end mid-block: keep the last block for the next chunk
-                gen = torch.Generator().manual_seed(_block_seed(self.seed, block))
-                self._values = torch.randn(_RNG_BLOCK, generator=gen)
-                self._block = block
-            end = min(stop, (block + 1) * _RNG_BLOCK)
-            base = block * _RNG_BLOCK
-            parts.append(self._values[start - base : end - base])
-            start = end
-        return torch.cat(parts)
 
 
 def _tensor_bytes(values: torch.Tensor) -> bytes:
@@ -175,6 +142,7 @@ class TableFile:
         *,
         init_std: float = 0.0,
         seed: int = 0,
+        first_row: int = 0,
         metadata: dict | None = None,
         chunk_rows: int | None = None,
         overwrite: bool = False,
@@ -183,7 +151,8 @@ class TableFile:
 
         ``init_std == 0`` gives zeros (a sparse file: instant at any size); ``init_std > 0`` gives
         rows ~ N(0, init_std^2), written ``chunk_rows`` rows at a time (default: ~64 MiB of float32),
-        the same bytes for the same (seed, shape, dtype) whatever ``chunk_rows``. The file is built
+        the same bytes for the same (seed, shape, dtype) whatever ``chunk_rows``; with ``first_row`` the
+        rows are rows ``[first_row, first_row + num_rows)`` of that table (a shard of it). The file is built
         under a temporary name and renamed into place, so ``path`` never holds a half-written table.
         """
         path = Path(path)
@@ -213,10 +182,10 @@ class TableFile:
                 f.write(_slot_bytes(header, 1) + _slot_bytes(header, 0))
                 f.truncate(DATA_OFFSET + num_rows * dim * itemsize)  # sparse zeros
                 if init_std > 0:
-                    stream = _NormalStream(seed)
+                    stream = NormalStream(seed)
                     for start in range(0, num_rows, chunk_rows):
                         stop = min(num_rows, start + chunk_rows)
-                        values = stream.take(start * dim, stop * dim) * init_std
+                        values = stream.take((first_row + start) * dim, (first_row + stop) * dim) * init_std
                         f.seek(DATA_OFFSET + start * dim * itemsize)
                         f.write(_tensor_bytes(values.to(dtype)))
                 f.flush()

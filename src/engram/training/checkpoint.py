@@ -1,29 +1,62 @@
-"""Training checkpoints: weights, optimizer states, random generators and step, written atomically.
+"""Training checkpoints: dense state, table shards and a manifest, written atomically by one or many ranks.
 
-Each checkpoint is a folder ``step_00001234`` written by ``checkpoint_io.save_state`` (safetensors
-plus JSON, no pickle, renamed into place only when complete). Older checkpoints beyond ``keep_last``
-are removed only after the new one is complete, so a crash at any point leaves a good one.
+A checkpoint is a folder ``step_00001234``:
 
-Tables that persist themselves (the disk tier) are not copied: the checkpoint records where they
-are, and saving is two-phase around the folder (``prepare_checkpoint``, write the folder,
-``commit_checkpoint``), so the tables and the newest complete folder always agree after a crash.
-Such tables can only be restored to the newest checkpoint.
+    dense/                      model weights except the Engram tables, every optimizer's state except
+                                the tables' rows, random generators, step and configs
+                                (``checkpoint_io.save_state``: safetensors plus JSON, no pickle)
+    tables/shard_00001_of_00004.safetensors
+                                rank 1's rows of every Engram table and of their row optimizer state:
+                                ``layer_03/weight`` (rows [start, end) of ``shard_ranges``), ``layer_03/exp_avg``, ...
+    manifest.json               written last: the world size, each table's shape, dtype and state arrays,
+                                each shard file's row ranges, size and SHA-256
+
+A single process writes one shard holding every row. Every rank writes its shard into
+``.partial-step_...`` (each file under a temporary name, fsynced, renamed); rank 0 then writes the
+dense state and the manifest and renames the folder into place, so a ``step_...`` folder is always
+complete. Older checkpoints beyond ``keep_last`` are removed only after that.
+
+Loading re-shards: each rank reads the rows of its own range from the shard files that hold them
+(safetensors slices, not whole files), so a checkpoint written by 2 ranks resumes on 4 or on one
+process. A missing shard, or one whose size or SHA-256 differs from the manifest, is refused.
+
+Tables that persist themselves (the disk tier) are not copied: their files are the checkpoint, made
+consistent by two phases around the folder (``prepare_checkpoint``, write the folder,
+``commit_checkpoint``). They can only be restored to the newest checkpoint, at the world size that
+wrote it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from engram._files import fsync_dir, fsync_file, sha256_file, swap_into_place
 from engram.model.lm import EngramLM
+from engram.storage.base import TableStorage
+from engram.storage.sharded import ShardedTable
 from engram.training.checkpoint_io import checkpoint_complete, load_state, save_state
 from engram.training.config import TrainConfig
+from engram.training.distributed import barrier, gather_bytes, rank, world_size
+from engram.training.row_optim import RowOptimizer
 
+DENSE = "dense"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "engram-checkpoint-manifest"
+MANIFEST_VERSION = 1
+SHARD_FILE = "tables/shard_{rank:05d}_of_{world:05d}.safetensors"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_READ_BYTES = 64 << 20  # rows are copied out of shard files about this many bytes at a time
 
 
 def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -33,24 +66,169 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# -- the tables of a model ------------------------------------------------------------------------------
+def _tables(model: EngramLM) -> dict[int, TableStorage]:
+    """The Engram tables by layer."""
+    return {layer: engram.table for layer, engram in model.engram_layers().items()}
+
+
+def _row_range(table: TableStorage) -> tuple[int, int]:
+    """The global rows [start, end) this process holds of ``table`` (all of them unless it is sharded)."""
+    if isinstance(table, ShardedTable):
+        return table.start, table.end
+    return 0, table.num_rows
+
+
+def shard_key(layer: int, name: str) -> str:
+    """The name of array ``name`` (``weight`` or a row state) of table ``layer`` in a shard file."""
+    return f"layer_{layer:02d}/{name}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _table_state_keys(model: EngramLM) -> set[str]:
+    """The ``state_dict`` keys that belong to Engram tables (saved in the shards, not in ``dense/``)."""
+    table_ids = {id(table) for table in model.engram_tables()}
+    prefixes = tuple(name + "." for name, module in model.named_modules() if id(module) in table_ids)
+    return {key for key in model.state_dict(keep_vars=True) if key.startswith(prefixes)}
+
+
+def _shard_tensors(tables: dict[int, TableStorage]) -> dict[str, torch.Tensor]:
+    """This process's rows of every table that does not persist itself, and of its row optimizer state."""
+    tensors = {}
+    for layer, table in tables.items():
+        target = table.optimizer_target()
+        if target.persists_itself:
+            continue
+        tensors[shard_key(layer, "weight")] = target.weight.detach().cpu().contiguous()
+        for name, state in target.row_states().items():
+            tensors[shard_key(layer, name)] = state.detach().cpu().contiguous()
+    return tensors
+
+
+def _table_entries(tables: dict[int, TableStorage]) -> dict[str, Any]:
+    """The manifest's description of each table."""
+    entries = {}
+    for layer, table in tables.items():
+        target = table.optimizer_target()
+        states = {
+            name: {"row_shape": list(state.shape[1:]), "dtype": _dtype_name(state.dtype)}
+            for name, state in target.row_states().items()
+        }
+        entries[str(layer)] = {
+            "num_rows": table.num_rows,
+            "dim": table.dim,
+            "dtype": _dtype_name(table.dtype),
+            "persisted": target.persists_itself,
+            "states": states,
+        }
+    return entries
+
+
+# -- writing --------------------------------------------------------------------------------------------
+def write_shard(folder: Path, shard_rank: int, world: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write one shard file into checkpoint ``folder`` atomically; returns its manifest record (no row ranges)."""
+    name = SHARD_FILE.format(rank=shard_rank, world=world)
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    return {"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` (the last file of a checkpoint) durably."""
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
+def new_manifest(step: int, world: int, tables: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """A manifest: ``tables`` as ``_table_entries`` gives them, ``shards`` with their ``rows`` per layer."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "step": step,
+        "world_size": world,
+        "tables": tables,
+        "shards": shards,
+    }
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,
     model: EngramLM,
-    optimizers: dict[str, torch.optim.Optimizer],
+    optimizers: dict[str, torch.optim.Optimizer | RowOptimizer],
     train_config: TrainConfig,
     run_info: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write ``directory/step_<step>`` and prune older checkpoints; returns the new folder."""
+    """Write ``directory/step_<step>`` and prune older checkpoints; returns the new folder.
+
+    Collective in a distributed run: every rank calls it and writes its own shard of the tables.
+    """
     directory = Path(directory)
-    persisted = [table for table in model.engram_tables() if table.persists_itself]
+    world, me = world_size(), rank()
+    final = directory / f"step_{step:08d}"
+    staging = directory / f".partial-step_{step:08d}"
+    tables = _tables(model)
+    persisted = [table for table in tables.values() if table.persists_itself]
     for table in persisted:
         table.prepare_checkpoint(step)
+    if me == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
+        staging.mkdir(parents=True)
+    barrier()
+
+    record = write_shard(staging, me, world, _shard_tensors(tables))
+    records = [json.loads(raw) for raw in gather_bytes(json.dumps(record).encode())]
+    if me == 0:
+        for shard_rank, shard in enumerate(records):
+            shard["rows"] = {str(layer): _shard_rows(table, world, shard_rank) for layer, table in tables.items()}
+        save_state(staging / DENSE, _dense_tree(step, model, optimizers, train_config, run_info))
+        write_manifest(staging, new_manifest(step, world, _table_entries(tables), records))
+        swap_into_place(staging, final)
+        complete = [p for _, p in _checkpoints(directory) if _complete(p)]
+        for old in complete[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()  # the folder is in place on every rank before the disk tables count it as their restore point
+    for table in persisted:
+        table.commit_checkpoint(step)
+    return final
+
+
+def _shard_rows(table: TableStorage, world: int, shard_rank: int) -> list[int]:
+    if isinstance(table, ShardedTable):
+        start, end = table.ranges[shard_rank]
+        return [start, end]
+    return [0, table.num_rows]
+
+
+def _dense_tree(
+    step: int,
+    model: EngramLM,
+    optimizers: dict[str, torch.optim.Optimizer | RowOptimizer],
+    train_config: TrainConfig,
+    run_info: dict[str, Any] | None,
+) -> dict[str, Any]:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    tree = {
+    in_shards = _table_state_keys(model)
+    states = {}
+    for name, optimizer in optimizers.items():
+        state = optimizer.state_dict()
+        if isinstance(optimizer, RowOptimizer):  # the row state is in the shards
+            state = {"param_groups": state["param_groups"]}
+        states[name] = state
+    return {
         "meta": {
             "step": step,
             "model_config": model.config.to_dict(),
@@ -58,25 +236,162 @@ def save_checkpoint(
             "run_info": run_info or {},
             "storage": model.storage.to_dict(),
         },
-        "model": model.state_dict(),
-        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+        "model": {key: value for key, value in model.state_dict().items() if key not in in_shards},
+        "optimizers": states,
         "rng": rng,
     }
-    path = save_state(directory / f"step_{step:08d}", tree)
-    for table in persisted:
-        table.commit_checkpoint(step)
-    complete = [p for _, p in _checkpoints(directory) if checkpoint_complete(p)]
-    for old in complete[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
+
+
+# -- reading --------------------------------------------------------------------------------------------
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``path``, checked for format and consistency.
+
+    Raises:
+        FileNotFoundError: no manifest (not a checkpoint, or one that was never completed).
+        ValueError: an unknown format or version, or shards whose row ranges do not tile each table.
+    """
+    path = Path(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"corrupt checkpoint {path}: {MANIFEST} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{file} is not an {MANIFEST_FORMAT} file")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{file} has version {manifest.get('version')!r}; this code reads version {MANIFEST_VERSION}")
+    shards = manifest["shards"]
+    if len(shards) != manifest["world_size"]:
+        raise ValueError(f"corrupt checkpoint {path}: {len(shards)} shards listed for {manifest['world_size']} ranks")
+    for layer, entry in manifest["tables"].items():
+        covered = 0
+        for shard in shards:
+            start, end = shard["rows"][layer]
+            if start != covered or end < start:
+                raise ValueError(f"corrupt checkpoint {path}: the shards' rows of table {layer} do not tile it")
+            covered = end
+        if covered != entry["num_rows"]:
+            raise ValueError(f"corrupt checkpoint {path}: the shards hold {covered} rows of the {entry['num_rows']}")
+    return manifest
+
+
+def _complete(path: Path) -> bool:
+    """A readable manifest, a complete dense state and every shard file at its recorded size (not hashed)."""
+    try:
+        manifest = read_manifest(path)
+        sizes_match = all((path / s["file"]).stat().st_size == s["bytes"] for s in manifest["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return sizes_match and checkpoint_complete(path / DENSE)
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step in ``directory`` (damaged ones are skipped)."""
+    """The complete checkpoint with the highest step in ``directory``; damaged ones are skipped with a warning."""
     for _, path in reversed(_checkpoints(Path(directory))):
-        if checkpoint_complete(path):
+        if _complete(path):
             return path
+        warnings.warn(f"skipping the damaged or incomplete checkpoint {path}", stacklevel=2)
     return None
+
+
+class ShardReader:
+    """Rows of the table shards of one checkpoint, whatever world size wrote them.
+
+    Each shard file is checked against the manifest (present, size, SHA-256) the first time it is read.
+    """
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path) if manifest is None else manifest
+        self._verified: set[str] = set()
+
+    def _open(self, shard: dict[str, Any]) -> Path:
+        file = self.path / shard["file"]
+        if shard["file"] in self._verified:
+            return file
+        writers = self.manifest["world_size"]
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"checkpoint {self.path} lacks its table shard {shard['file']}: it was written by {writers} ranks "
+                f"and every one of their {writers} shard files is needed; restore the file or use an older checkpoint"
+            )
+        size = file.stat().st_size
+        if size != shard["bytes"] or sha256_file(file) != shard["sha256"]:
+            raise ValueError(
+                f"table shard {file} does not match {MANIFEST} of its checkpoint (recorded {shard['bytes']} bytes, "
+                f"SHA-256 {shard['sha256'][:12]}..., found {size} bytes and another hash): it is damaged or belongs "
+                "to another checkpoint; restore the file or use an older checkpoint"
+            )
+        self._verified.add(shard["file"])
+        return file
+
+    def iter_rows(self, layer: int, name: str, start: int, end: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Rows [start, end) of array ``name`` of table ``layer``, in chunks ``(offset from start, values)``."""
+        entry = self.manifest["tables"][str(layer)]
+        row_shape = [entry["dim"]] if name == "weight" else entry["states"][name]["row_shape"]
+        row_bytes = 4 * max(1, int(torch.tensor(row_shape).prod()))
+        chunk = max(1, _READ_BYTES // row_bytes)
+        for shard in self.manifest["shards"]:
+            first, last = shard["rows"][str(layer)]
+            lo, hi = max(first, start), min(last, end)
+            if lo >= hi:
+                continue
+            file = self._open(shard)
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    piece = f.get_slice(shard_key(layer, name))
+                    if list(piece.get_shape()) != [last - first, *row_shape]:
+                        raise ValueError(
+                            f"table shard {file} holds {shard_key(layer, name)} with shape {piece.get_shape()}, "
+                            f"its manifest says {[last - first, *row_shape]}"
+                        )
+                    for a in range(lo, hi, chunk):
+                        b = min(hi, a + chunk)
+                        yield a - start, piece[a - first : b - first]
+            except SafetensorError as e:
+                raise ValueError(f"table shard {file} does not parse ({e})") from e
+
+    def read_rows(self, layer: int, name: str, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of array ``name`` of table ``layer`` as one tensor."""
+        return torch.cat([values for _, values in self.iter_rows(layer, name, start, end)])
+
+
+def _load_tables(path: Path, manifest: dict[str, Any], model: EngramLM, with_state: bool) -> None:
+    """Fill every table (and, ``with_state``, its row optimizer state) with this process's rows."""
+    reader = ShardReader(path, manifest)
+    step = int(manifest["step"])
+    for layer, table in _tables(model).items():
+        entry = manifest["tables"].get(str(layer))
+        if entry is None or (entry["num_rows"], entry["dim"]) != (table.num_rows, table.dim):
+            found = "no such table" if entry is None else f"a ({entry['num_rows']}, {entry['dim']}) table"
+            raise ValueError(f"checkpoint {path} holds {found} for layer {layer}; the model has {table}")
+        target = table.optimizer_target()
+        if target.persists_itself:
+            if manifest["world_size"] != world_size():
+                raise ValueError(
+                    f"the disk tables of checkpoint {path} are sharded over {manifest['world_size']} ranks and "
+                    f"this job has {world_size()}: resume with that many ranks (disk shards are not re-sharded); "
+                    "to change the world size, convert the run's tables to the host tier first"
+                )
+            table.restore_checkpoint(step)
+            continue
+        start, end = _row_range(table)
+        for first, values in reader.iter_rows(layer, "weight", start, end):
+            target.write_rows(torch.arange(first, first + len(values)), values)
+        if not with_state:
+            continue
+        allocated = target.row_states()
+        if set(allocated) != set(entry["states"]):
+            raise ValueError(
+                f"checkpoint {path} holds table optimizer state {sorted(entry['states'])} for layer {layer}, "
+                f"this run's table optimizer keeps {sorted(allocated)}"
+            )
+        for name, state in allocated.items():
+            for first, values in reader.iter_rows(layer, name, start, end):
+                rows = torch.arange(first, first + len(values), device=state.device)
+                target.write_state(name, rows, values.to(state.device))
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -93,17 +408,23 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "
 def load_checkpoint(
     path: str | Path,
     model: EngramLM,
-    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    optimizers: dict[str, torch.optim.Optimizer | RowOptimizer] | None = None,
     run_info: dict[str, Any] | None = None,
 ) -> int:
     """Restore a checkpoint into ``model`` (and ``optimizers``); returns its step.
 
+    Any world size can load a checkpoint of device or host tables: each process reads its own rows.
+
     Raises:
         ValueError: the checkpoint was written for a different model config, different run facts
-            (e.g. another tokenizer), or different optimizers; the message lists the differences.
+            (e.g. another tokenizer), or different optimizers (the message lists the differences);
+            or a table shard is damaged or from another checkpoint.
+        FileNotFoundError: a file of the checkpoint, such as a table shard, is missing.
     """
+    path = Path(path)
+    manifest = read_manifest(path)
     device = next(model.parameters()).device
-    tree = load_state(path, map_location=device)
+    tree = load_state(path / DENSE, map_location=device)
     meta = tree["meta"]
     diffs = _differences(meta["model_config"], model.config.to_dict())
     if diffs:
@@ -119,17 +440,17 @@ def load_checkpoint(
             f"{model.storage.tier!r} tier; convert the tables with `engram tables convert` or build the model with "
             f"storage tier {saved_tier!r}"
         )
-    for table in model.engram_tables():
-        if table.persists_itself:
-            table.restore_checkpoint(int(meta["step"]))
-    model.load_state_dict(tree["model"])
-    if optimizers is not None:
-        if set(tree["optimizers"]) != set(optimizers):
-            raise ValueError(
-                f"checkpoint {path} holds optimizers {sorted(tree['optimizers'])}, this run has {sorted(optimizers)}"
-            )
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(tree["optimizers"][name])
+    if optimizers is not None and set(tree["optimizers"]) != set(optimizers):
+        raise ValueError(
+            f"checkpoint {path} holds optimizers {sorted(tree['optimizers'])}, this run has {sorted(optimizers)}"
+        )
+    _load_tables(path, manifest, model, with_state=optimizers is not None)
+    missing, unexpected = model.load_state_dict(tree["model"], strict=False)
+    missing = set(missing) - _table_state_keys(model)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)}, extra {unexpected}")
+    for name, optimizer in (optimizers or {}).items():
+        optimizer.load_state_dict(tree["optimizers"][name])
     torch.set_rng_state(tree["rng"]["torch"].cpu())
     if "cuda" in tree["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state.cpu() for state in tree["rng"]["cuda"]])

@@ -36,6 +36,9 @@ class TrainConfig(JsonConfig):
         log_every, eval_every, eval_batches, checkpoint_every: cadence (in steps; 0 disables).
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``; bf16 autocast on CUDA.
         threads: CPU threads for torch (0 leaves torch's default).
+        dist_timeout_s: runs on several processes (``torchrun``): how long a rank waits for the
+            others in a collective before it fails with an error (a rank died or hangs). Must
+            cover the slowest checkpoint write.
     """
 
     steps: int = 1000
@@ -60,6 +63,7 @@ class TrainConfig(JsonConfig):
     checkpoint_every: int = 500
     device: str = "auto"
     threads: int = 0
+    dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -77,6 +81,8 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if not self.dist_timeout_s > 0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         for name in ("warmup_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -1,10 +1,11 @@
 """Moving a training run's Engram tables between tiers (``engram tables convert``).
 
-A run's newest checkpoint holds its device or host tables (and their optimizer state) as tensors,
-or refers to disk table folders. Converting rewrites that checkpoint with the tables in the other
-form and records the new tier in ``run.json``; training, evaluation and generation then use the new
-tier. Device and host checkpoints are identical, so converting between those two only changes
-``run.json``.
+A run's newest checkpoint holds its device or host tables (and their optimizer state) in table
+shard files, or refers to disk table folders. Converting rewrites that checkpoint with the tables in
+the other form and records the new tier in ``run.json``; training, evaluation and generation then
+use the new tier. Device and host checkpoints are identical, so converting between those two only
+changes ``run.json``. Shards written by any number of ranks become one disk table per layer; disk
+tables sharded over several ranks are not converted (resume them at their world size).
 
 Order of writes, so that a crash never loses the run: disk tables are written into a temporary
 folder and renamed into place; then the checkpoint is replaced atomically; then ``run.json``. A
@@ -20,14 +21,20 @@ import secrets
 import shutil
 from pathlib import Path
 
+from engram._files import swap_into_place
 from engram.storage.config import LAYER_FOLDER, StorageConfig
 from engram.storage.disk import DiskTable
+from engram.training.checkpoint import (
+    DENSE,
+    ShardReader,
+    new_manifest,
+    read_manifest,
+    shard_key,
+    write_manifest,
+    write_shard,
+)
 from engram.training.checkpoint_io import load_state, save_state
 from engram.training.run import read_run, write_spec
-
-
-def _table_key(layer_id: int) -> str:
-    return f"blocks.{layer_id}.engram.table.weight"
 
 
 def convert_run_tables(run_dir: str | Path, target: StorageConfig) -> Path:
@@ -38,6 +45,7 @@ def convert_run_tables(run_dir: str | Path, target: StorageConfig) -> Path:
     Raises:
         FileNotFoundError: ``run_dir`` is not a run or has no complete checkpoint.
         FileExistsError: the disk folder already holds tables.
+        ValueError: the run has no Engram tables, or its disk tables are sharded over several ranks.
     """
     run_dir = Path(run_dir)
     spec, checkpoint = read_run(run_dir)
@@ -46,49 +54,71 @@ def convert_run_tables(run_dir: str | Path, target: StorageConfig) -> Path:
     spec = dataclasses.replace(spec, storage=target)
     target = spec.storage_for(run_dir)
 
-    tree = load_state(checkpoint)
+    manifest = read_manifest(checkpoint)
+    tree = load_state(checkpoint / DENSE)
     meta = tree["meta"]
     source = StorageConfig.from_dict(meta.get("storage", {}))
     if source.tier == "disk":
         source = spec.storage_for(run_dir) if source.directory is None else source
-    step = int(meta["step"])
-    layers = sorted(spec.model.engram.layer_ids)
-    table_state = tree["optimizers"].get("tables", {}).get("state", {})
 
     if (source.tier == "disk") != (target.tier == "disk"):
-        if target.tier == "disk":
-            _tensors_to_disk(tree, table_state, layers, step, Path(target.directory))
-        else:
-            _disk_to_tensors(tree, table_state, layers, step, source)
-        meta["storage"] = target.to_dict()
-        save_state(checkpoint, tree)
+        staging = checkpoint.parent / f".convert-{checkpoint.name}-{secrets.token_hex(6)}"
+        try:
+            if target.tier == "disk":
+                shard = _shards_to_disk(ShardReader(checkpoint, manifest), Path(target.directory), staging)
+            else:
+                shard = _disk_to_shard(manifest, source, staging)
+            meta["storage"] = target.to_dict()
+            save_state(staging / DENSE, tree)
+            tables = {
+                layer: {**entry, "persisted": target.tier == "disk"} for layer, entry in manifest["tables"].items()
+            }
+            shard["rows"] = {layer: [0, entry["num_rows"]] for layer, entry in tables.items()}
+            write_manifest(staging, new_manifest(manifest["step"], 1, tables, [shard]))
+            swap_into_place(staging, checkpoint)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone after the swap; left by a failure before it
     write_spec(run_dir, spec)
     return checkpoint
 
 
-def _tensors_to_disk(tree: dict, table_state: dict, layers: list[int], step: int, directory: Path) -> None:
+def _shards_to_disk(reader: ShardReader, directory: Path, staging: Path) -> dict:
+    """One disk table per layer from the checkpoint's shards; returns the (empty) shard record of the new one."""
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty; remove it or choose another --directory")
-    staging = directory.parent / f".{directory.name}.tmp-{secrets.token_hex(6)}"
+    tables_tmp = directory.parent / f".{directory.name}.tmp-{secrets.token_hex(6)}"
+    step = int(reader.manifest["step"])
     try:
-        for index, layer in enumerate(layers):
-            weight = tree["model"].pop(_table_key(layer))
-            states = table_state.pop(index, {})
-            DiskTable.from_tensors(staging / LAYER_FOLDER.format(layer), weight, states, committed_step=step).close()
+        for layer, entry in reader.manifest["tables"].items():
+            rows = entry["num_rows"]
+            weight = reader.read_rows(int(layer), "weight", 0, rows)
+            states = {name: reader.read_rows(int(layer), name, 0, rows) for name in entry["states"]}
+            folder = tables_tmp / LAYER_FOLDER.format(int(layer))
+            DiskTable.from_tensors(folder, weight, states, committed_step=step).close()
+        shard = write_shard(staging, 0, 1, {})
         if directory.exists():
             directory.rmdir()
-        os.replace(staging, directory)
+        os.replace(tables_tmp, directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(tables_tmp, ignore_errors=True)
         raise
+    return shard
 
 
-def _disk_to_tensors(tree: dict, table_state: dict, layers: list[int], step: int, source: StorageConfig) -> None:
-    for index, layer in enumerate(layers):
-        table = DiskTable(source.layer_directory(layer))
+def _disk_to_shard(manifest: dict, source: StorageConfig, staging: Path) -> dict:
+    """The disk tables of a one-process checkpoint, rolled back to it, as one shard file."""
+    if manifest["world_size"] != 1:
+        raise ValueError(
+            f"the disk tables of this run are sharded over {manifest['world_size']} ranks; converting sharded disk "
+            "tables is not supported: resume the run with that many ranks"
+        )
+    step = int(manifest["step"])
+    tensors = {}
+    for layer in manifest["tables"]:
+        table = DiskTable(source.layer_directory(int(layer)))
         table.restore_checkpoint(step)  # rolls back anything written after the checkpoint
-        tree["model"][_table_key(layer)] = table.weight.clone()
-        states = {name: state.clone() for name, state in table.row_states().items()}
-        if states:
-            table_state[index] = states
+        tensors[shard_key(int(layer), "weight")] = table.weight.clone()
+        for name, state in table.row_states().items():
+            tensors[shard_key(int(layer), name)] = state.clone()
         table.close()
+    return write_shard(staging, 0, 1, tensors)

@@ -74,6 +74,11 @@ class RowOptimizer(ABC):
         return {"param_groups": [dict(group) for group in self.param_groups], "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the hyper-parameters and, if ``state_dict`` has them, the state arrays (checkpoints
+        keep those with the table rows, and pass only ``param_groups``)."""
+        self.param_groups = [dict(group) for group in state_dict["param_groups"]]
+        if "state" not in state_dict:
+            return
         saved = state_dict["state"]
         expected = {i for i, table in enumerate(self.tables) if not table.optimizer_target().persists_itself}
         if set(saved) != expected:
@@ -88,7 +93,6 @@ class RowOptimizer(ABC):
                         f"table {i} state {name}: saved {tuple(value.shape)}, table {tuple(current[name].shape)}"
                     )
                 current[name].copy_(value)
-        self.param_groups = [dict(group) for group in state_dict["param_groups"]]
 
 
 class RowAdam(RowOptimizer):

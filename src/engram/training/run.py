@@ -26,6 +26,7 @@ from engram.model.lm import EngramLM
 from engram.storage.config import StorageConfig
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint
 from engram.training.config import TrainConfig
+from engram.training.distributed import barrier, init_distributed, rank
 from engram.training.trainer import Trainer, resolve_device, seed_everything
 
 SPEC_FILE = "run.json"
@@ -109,6 +110,9 @@ def _open(spec: RunSpec) -> tuple[CompressedTokenizer, TokenDataset]:
 def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trainer:
     """Build the trainer of a run, resuming from its newest checkpoint if there is one.
 
+    Under ``torchrun`` every rank calls this: it joins the process group first, so the model's
+    Engram tables are sharded over the ranks (see ``engram.training.distributed``).
+
     Raises:
         ValueError: ``run_dir`` already holds a different spec (a different model, data or tokenizer).
     """
@@ -118,8 +122,11 @@ def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trai
         saved = RunSpec.from_json(spec_path.read_text())
         if saved.model != spec.model or saved.data != spec.data or saved.tokenizer != spec.tokenizer:
             raise ValueError(f"{run_dir} holds another run (see {spec_path}); choose a new --out folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_spec(run_dir, spec)
+    init_distributed(spec.train.dist_timeout_s)  # under torchrun: before the model, whose tables it shards
+    if rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_spec(run_dir, spec)
+    barrier()
 
     tokenizer, dataset = _open(spec)
     seed_everything(spec.train.seed)

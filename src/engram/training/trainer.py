@@ -26,6 +26,7 @@ from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.lm import EngramLM
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.training.config import TrainConfig, lr_factor
+from engram.training.distributed import mean_over_ranks, rank, sum_over_ranks_, world_size, wrap_dense_ddp
 from engram.training.metrics import MetricsLog, plot_losses
 from engram.training.row_optim import RowAdagrad, RowAdam, RowOptimizer
 
@@ -46,8 +47,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def table_parameters(model: EngramLM) -> list[nn.Parameter]:
-    """The Engram table weights that are model parameters (device tier), which dense optimizers skip."""
-    return [p for table in model.engram_tables() for p in table.parameters(recurse=False)]
+    """The Engram table weights that are model parameters (device tier, sharded or not), which dense optimizers skip."""
+    return [p for table in model.engram_tables() for p in table.parameters()]
 
 
 def build_table_optimizer(model: EngramLM, config: TrainConfig) -> RowOptimizer:
@@ -94,7 +95,13 @@ def build_optimizers(model: EngramLM, config: TrainConfig) -> dict[str, torch.op
 
 
 class Trainer:
-    """Trains an ``EngramLM`` on a token array.
+    """Trains an ``EngramLM`` on a token array, on one process or on every rank of a ``torchrun`` job.
+
+    On several ranks (``torch.distributed`` initialised before the model was built, so its tables
+    are sharded) each rank takes its slice of every step's batch of ``config.batch_size`` sequences,
+    dense gradients are averaged by DDP and table row gradients by the shard owners: a step computes
+    what one process computes on the whole batch. Rank 0 alone writes metrics and shows progress;
+    every rank takes part in checkpoints, which hold each rank's shard of the tables.
 
     Args:
         model: the model (on any device; moved to ``config.device``).
@@ -126,6 +133,14 @@ class Trainer:
             torch.set_flush_denormal(True)  # denormals slow the LM head's backward 10-30x on CPU
         self.model = model.to(self.device)
         self.config = config
+        self.world, self.rank = world_size(), rank()
+        if config.batch_size % self.world:
+            raise ValueError(
+                f"train.batch_size={config.batch_size} must be a multiple of the {self.world} ranks: each rank "
+                "takes an equal slice of every step's batch"
+            )
+        # The module the forward pass goes through: DDP averages the dense gradients across ranks.
+        self.forward_model = wrap_dense_ddp(self.model) if self.world > 1 else self.model
         self.batches = RandomWindows(train_tokens, config.batch_size, config.seq_len, seed=config.seed)
         self.val_tokens = val_tokens
         self.byte_lengths = byte_lengths
@@ -139,7 +154,8 @@ class Trainer:
         self.dense_params = [p for p in model.parameters() if id(p) not in tables]
         self.step = 0
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl") if self.out_dir is not None else None
+        keeps_metrics = self.out_dir is not None and self.rank == 0
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl") if keeps_metrics else None
 
     # -- the loop -----------------------------------------------------------------------------------
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -154,12 +170,19 @@ class Trainer:
                 group["lr"] = group["base_lr"] * factor
         return self.config.lr * factor
 
+    def _rank_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's equal slice of the sequences of batch ``self.step`` (the whole batch on one process)."""
+        inputs, targets = self.batches.batch(self.step)
+        share = self.config.batch_size // self.world
+        mine = slice(self.rank * share, (self.rank + 1) * share)
+        return inputs[mine].to(self.device), targets[mine].to(self.device)
+
     def train_step(self) -> float:
-        """One optimizer step on batch ``self.step``; returns the language-model loss."""
+        """One optimizer step on batch ``self.step``; returns the language-model loss (mean over the ranks)."""
         self.model.train()
-        inputs, targets = (t.to(self.device) for t in self.batches.batch(self.step))
+        inputs, targets = self._rank_batch()
         with self._autocast():
-            out = self.model(inputs, targets=targets)
+            out = self.forward_model(inputs, targets=targets)
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
@@ -169,9 +192,11 @@ class Trainer:
         self._set_lr()
         for optimizer in self.optimizers.values():
             optimizer.step()
+        for moe in self.model.moe_layers():  # every rank moves its selection bias by the whole batch's loads
+            sum_over_ranks_(moe.load)
         self.model.update_router_biases()
         self.step += 1
-        return out.loss.item()
+        return mean_over_ranks(out.loss.item(), self.device)
 
     def train(self, until: int | None = None) -> list[float]:
         """Train from the current step up to ``until`` (default: ``config.steps``); returns the step losses."""
@@ -182,12 +207,16 @@ class Trainer:
         losses: list[float] = []
         tokens_per_step = self.config.batch_size * self.config.seq_len
         bar = tqdm(
-            total=self.config.steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
+            total=self.config.steps,
+            initial=self.step,
+            disable=not self.progress or self.rank != 0,
+            unit="step",
+            dynamic_ncols=True,
         )
         window_start, window_steps = time.perf_counter(), 0
         with bar:
             while self.step < until:
-                loss = self.train_step()
+                loss = self._distributed_step() if self.world > 1 else self.train_step()
                 losses.append(loss)
                 window_steps += 1
                 bar.update(1)
@@ -212,6 +241,19 @@ class Trainer:
         if self.out_dir is not None and self.metrics is not None:
             plot_losses(self.metrics.read(), self.out_dir / "loss.png")
         return losses
+
+    def _distributed_step(self) -> float:
+        """``train_step``, with a failed collective (a rank died, or hung past the timeout) explained."""
+        try:
+            return self.train_step()
+        except RuntimeError as error:
+            newest = latest_checkpoint(self.out_dir / "checkpoints") if self.out_dir is not None else None
+            resume = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
+            raise RuntimeError(
+                f"rank {self.rank} of {self.world}: step {self.step} failed, most likely because another rank died "
+                f"or did not answer within train.dist_timeout_s={self.config.dist_timeout_s:g} s; {resume}. "
+                f"Start the same command again to resume from it. Cause: {error}"
+            ) from error
 
     def _cache_hit_rates(self) -> dict[str, float]:
         """Hit rate of each table's hot-row cache since the last log line (``table<layer>_cache_hit_rate``)."""

@@ -1,0 +1,205 @@
+"""`engram train` on several processes (torchrun, gloo on loopback) against one process on the same batches.
+
+A step on N ranks splits the batch, shards the tables and averages the gradients; it must compute
+what one process computes on the whole batch, whatever the number of ranks, and a run must move
+between world sizes through its checkpoints (re-sharding the tables) without changing its course.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engram.training.checkpoint import ShardReader, latest_checkpoint, load_checkpoint, read_manifest
+from engram.training.checkpoint_io import load_state
+from engram.training.run import load_run
+from tests.cli_runs import REPO, make_workspace, run_engram
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    return make_workspace(tmp_path_factory.mktemp("distributed"))
+
+
+def _train_args(ws: dict[str, Path], run: Path, steps: int, *sets: str) -> list[str]:
+    # A constant schedule, so that a run continued with more steps follows the one trained straight through.
+    settings = [
+        f"train.steps={steps}",
+        "train.batch_size=4",
+        "train.seq_len=32",
+        "train.schedule=constant",
+        "train.warmup_steps=0",
+        "train.eval_every=0",
+        "train.checkpoint_every=3",
+        "train.log_every=1",
+        *sets,
+    ]
+    files = ["--data", ws["data"], "--model", ws["model"], "--tokenizer", ws["tokenizer"], "--out", run]
+    return ["train", *map(str, files), "--no-progress", *[a for s in settings for a in ("--set", s)]]
+
+
+def _launch(nproc: int, args: list[str], cache: Path) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node N -m engram ARGS`` in a session of its own (so that
+    every worker can be killed with it)."""
+    env = {**os.environ, "ENGRAM_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return subprocess.Popen(
+        [*launcher, "-m", "engram", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def _finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the job did not end within {timeout} s:\n{output[-3000:]}")
+    return process.returncode, output
+
+
+def _train(ws: dict[str, Path], nproc: int, run: Path, steps: int, *sets: str) -> None:
+    args = _train_args(ws, run, steps, *sets)
+    if nproc == 1:  # no launcher: the plain command
+        result = run_engram(*args, cache=ws["root"])
+        assert result.returncode == 0, result.stderr[-3000:]
+        return
+    code, output = _finish(_launch(nproc, args, ws["root"]), timeout=240)
+    assert code == 0, output[-3000:]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    """Every table array (whole, from the shards) and every dense weight of the newest checkpoint."""
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    reader = ShardReader(checkpoint)
+    state = {f"dense/{k}": v for k, v in load_state(checkpoint / "dense")["model"].items()}
+    for layer, entry in reader.manifest["tables"].items():
+        for name in ["weight", *entry["states"]]:
+            state[f"table{layer}/{name}"] = reader.read_rows(int(layer), name, 0, entry["num_rows"])
+    return state
+
+
+def _assert_same_training(run: Path, reference: Path, steps: range, reference_state: dict[str, torch.Tensor]):
+    """The losses of ``steps`` and the newest checkpoint of ``run`` are those of ``reference``, to float rounding.
+
+    Adam divides by the root of the second moment, so an element whose gradient is nearly zero (near
+    Adam's eps) can move by up to the learning rate (3e-3) on rounding alone. So: at most 0.1% of the
+    elements of an array differ by more than 1e-4, the mean difference stays below 1e-5 (a wrong
+    gradient or a missed update moves whole arrays by about the learning rate), integer state is equal.
+    """
+    losses, expected = _losses(run), _losses(reference)
+    for step in steps:
+        assert losses[step] == pytest.approx(expected[step], rel=1e-6), step
+    state = _state(run)
+    assert state.keys() == reference_state.keys()
+    for name, value in reference_state.items():
+        if not value.dtype.is_floating_point:
+            assert torch.equal(state[name], value), name
+            continue
+        difference = (state[name].double() - value.double()).abs()
+        far = (difference > 1e-4).double().mean()
+        assert far <= 1e-3 and difference.mean() < 1e-5, (name, float(far), float(difference.mean()))
+
+
+def test_ranks_2_then_4_then_one_process_train_like_one_process_and_reshard(workspace):
+    reference, sharded = workspace["root"] / "reference", workspace["root"] / "sharded"
+    expected = {}
+    for steps in (3, 6, 9):  # one process, checkpoint by checkpoint
+        _train(workspace, 1, reference, steps)
+        expected[steps] = _state(reference)
+
+    # 3 steps on 2 ranks, then 3 on 4 ranks, then 3 on one process: each leg re-shards the checkpoint
+    for nproc, steps in ((2, 3), (4, 6), (1, 9)):
+        _train(workspace, nproc, sharded, steps)
+        checkpoint = latest_checkpoint(sharded / "checkpoints")
+        assert checkpoint.name == f"step_{steps:08d}"
+        assert read_manifest(checkpoint)["world_size"] == nproc
+        assert len(list((checkpoint / "tables").iterdir())) == nproc
+        _assert_same_training(sharded, reference, range(steps - 2, steps + 1), expected[steps])
+    changed = expected[9]["table1/weight"] != expected[3]["table1/weight"]
+    assert changed.any(dim=1).sum() > 100  # the steps updated many rows, all of them compared above
+
+    # A checkpoint that lacks a shard, or holds another checkpoint's, is refused by name.
+    model = load_run(sharded, device="cpu")[0]
+    damaged = workspace["root"] / "damaged"
+    shutil.copytree(sharded / "checkpoints" / "step_00000006", damaged)
+    shard = damaged / "tables" / "shard_00002_of_00004.safetensors"
+    shutil.copy(damaged / "tables" / "shard_00001_of_00004.safetensors", shard)  # same size, other rows
+    with pytest.raises(ValueError, match=r"shard_00002_of_00004\.safetensors does not match manifest\.json"):
+        load_checkpoint(damaged, model)
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match="lacks its table shard tables/shard_00002_of_00004"):
+        load_checkpoint(damaged, model)
+
+
+def _rank_pid(run: Path, rank: int) -> int:
+    """The process id of the worker of ``rank`` training into ``run`` (from /proc)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(run).encode() in command and f"RANK={rank}".encode() in environ and b"-m" in command[:3]:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} for {run}")
+
+
+def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").is_file() and max(_losses(run), default=0) >= step:
+            return
+        assert process.poll() is None, "the job ended before the fault was injected"
+        time.sleep(0.05)
+    raise AssertionError(f"{run} did not reach step {step}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
+def test_a_killed_or_hung_rank_ends_the_job_and_the_rerun_loses_nothing(workspace):
+    run, reference = workspace["root"] / "faults", workspace["root"] / "faults-reference"
+    steps, sets = 150, ("train.checkpoint_every=10", "train.dist_timeout_s=10")
+    _train(workspace, 1, reference, steps, *sets)
+
+    # A rank killed mid-run: torchrun stops the other one and names the failure.
+    job = _launch(2, _train_args(workspace, run, steps, *sets), workspace["root"])
+    _wait_for_step(run, 25, job)
+    os.kill(_rank_pid(run, 1), signal.SIGKILL)
+    code, output = _finish(job, timeout=60)
+    assert code != 0 and "Signal 9 (SIGKILL) received by PID" in output, output[-3000:]
+    killed_at = max(_losses(run))
+
+    # A rank that hangs (stopped): the other gives up after train.dist_timeout_s with an explanation.
+    job = _launch(2, _train_args(workspace, run, steps, *sets), workspace["root"])
+    _wait_for_step(run, killed_at + 20, job)
+    hung = _rank_pid(run, 1)
+    os.kill(hung, signal.SIGSTOP)
+    began = time.monotonic()
+    code, output = _finish(job, timeout=90)
+    assert code != 0 and time.monotonic() - began < 60
+    assert "rank 0 of 2: step" in output and "did not answer within train.dist_timeout_s=10 s" in output, output[-3000:]
+    assert "Start the same command again to resume" in output
+
+    # The same command again resumes from the newest complete checkpoint and ends where one process does.
+    _train(workspace, 2, run, steps, *sets)
+    _assert_same_training(run, reference, range(steps - 9, steps + 1), _state(reference))
