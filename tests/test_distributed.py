@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engram.storage import DiskTable
 from engram.training.checkpoint import ShardReader, latest_checkpoint, load_checkpoint, read_manifest
 from engram.training.checkpoint_io import load_state
 from engram.training.run import load_run
@@ -94,7 +95,7 @@ def _state(run: Path) -> dict[str, torch.Tensor]:
     reader = ShardReader(checkpoint)
     state = {f"dense/{k}": v for k, v in load_state(checkpoint / "dense")["model"].items()}
     for layer, entry in reader.manifest["tables"].items():
-        for name in ["weight", *entry["states"]]:
+        for name in [] if entry["persisted"] else ["weight", *entry["states"]]:
             state[f"table{layer}/{name}"] = reader.read_rows(int(layer), name, 0, entry["num_rows"])
     return state
 
@@ -110,7 +111,11 @@ def _assert_same_training(run: Path, reference: Path, steps: range, reference_st
     losses, expected = _losses(run), _losses(reference)
     for step in steps:
         assert losses[step] == pytest.approx(expected[step], rel=1e-6), step
-    state = _state(run)
+    _assert_close_states(_state(run), reference_state)
+
+
+def _assert_close_states(state: dict[str, torch.Tensor], reference_state: dict[str, torch.Tensor]) -> None:
+    """``_assert_same_training``'s comparison of arrays."""
     assert state.keys() == reference_state.keys()
     for name, value in reference_state.items():
         if not value.dtype.is_floating_point:
@@ -121,13 +126,22 @@ def _assert_same_training(run: Path, reference: Path, steps: range, reference_st
         assert far <= 1e-3 and difference.mean() < 1e-5, (name, float(far), float(difference.mean()))
 
 
-def test_ranks_2_then_4_then_one_process_train_like_one_process_and_reshard(workspace):
-    reference, sharded = workspace["root"] / "reference", workspace["root"] / "sharded"
+@pytest.fixture(scope="module")
+def reference(workspace) -> tuple[Path, dict[int, dict[str, torch.Tensor]]]:
+    """One process trained 3, 6 and 9 steps (resuming each time), and its checkpoint after each."""
+    run = workspace["root"] / "reference"
     expected = {}
-    for steps in (3, 6, 9):  # one process, checkpoint by checkpoint
-        _train(workspace, 1, reference, steps)
-        expected[steps] = _state(reference)
+    for steps in (3, 6, 9):
+        _train(workspace, 1, run, steps)
+        expected[steps] = _state(run)
+    changed = expected[9]["table1/weight"] != expected[3]["table1/weight"]
+    assert changed.any(dim=1).sum() > 100  # the steps update many rows, all of them compared
+    return run, expected
 
+
+def test_ranks_2_then_4_then_one_process_train_like_one_process_and_reshard(workspace, reference):
+    reference, expected = reference
+    sharded = workspace["root"] / "sharded"
     # 3 steps on 2 ranks, then 3 on 4 ranks, then 3 on one process: each leg re-shards the checkpoint
     for nproc, steps in ((2, 3), (4, 6), (1, 9)):
         _train(workspace, nproc, sharded, steps)
@@ -136,8 +150,6 @@ def test_ranks_2_then_4_then_one_process_train_like_one_process_and_reshard(work
         assert read_manifest(checkpoint)["world_size"] == nproc
         assert len(list((checkpoint / "tables").iterdir())) == nproc
         _assert_same_training(sharded, reference, range(steps - 2, steps + 1), expected[steps])
-    changed = expected[9]["table1/weight"] != expected[3]["table1/weight"]
-    assert changed.any(dim=1).sum() > 100  # the steps updated many rows, all of them compared above
 
     # A checkpoint that lacks a shard, or holds another checkpoint's, is refused by name.
     model = load_run(sharded, device="cpu")[0]
@@ -150,6 +162,24 @@ def test_ranks_2_then_4_then_one_process_train_like_one_process_and_reshard(work
     shard.unlink()
     with pytest.raises(FileNotFoundError, match="lacks its table shard tables/shard_00002_of_00004"):
         load_checkpoint(damaged, model)
+
+
+def test_disk_shards_train_like_one_process_and_resume_only_at_their_world_size(workspace, reference):
+    reference, expected = reference
+    run = workspace["root"] / "disk"
+    _train(workspace, 2, run, 6, "storage.tier=disk")
+    for rank in range(2):  # each rank's rows live in its own disk table, not in the checkpoint
+        assert (run / "tables" / "layer_01" / f"shard_{rank:05d}_of_00002" / "weight.table").is_file()
+    assert sum(f.stat().st_size for f in (latest_checkpoint(run / "checkpoints") / "tables").iterdir()) < 1000
+    state = _state(run)  # the dense weights; and the table rows and Adam state from the disk shards:
+    for name in ("weight", "exp_avg", "exp_avg_sq", "row_step"):
+        shards = [DiskTable(run / "tables" / "layer_01" / f"shard_{r:05d}_of_00002") for r in range(2)]
+        state[f"table1/{name}"] = torch.cat([s.weight if name == "weight" else s.row_states()[name] for s in shards])
+    _assert_close_states(state, expected[6])
+    code, output = _finish(_launch(4, _train_args(workspace, run, 9, "storage.tier=disk"), workspace["root"]), 240)
+    assert code != 0 and "are sharded over 2 ranks and this job has 4" in output, output[-3000:]
+    _train(workspace, 2, run, 9, "storage.tier=disk")
+    assert _losses(run)[9] == pytest.approx(_losses(reference)[9], rel=1e-6)
 
 
 def _rank_pid(run: Path, rank: int) -> int:
@@ -165,6 +195,14 @@ def _rank_pid(run: Path, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} for {run}")
 
 
+def _alive(pid: int) -> bool:
+    """False once the process has exited (gone, or a zombie its parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -178,12 +216,12 @@ def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: flo
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
 def test_a_killed_or_hung_rank_ends_the_job_and_the_rerun_loses_nothing(workspace):
     run, reference = workspace["root"] / "faults", workspace["root"] / "faults-reference"
-    steps, sets = 150, ("train.checkpoint_every=10", "train.dist_timeout_s=10")
-    _train(workspace, 1, reference, steps, *sets)
+    steps, sets = 100, ("train.checkpoint_every=10", "train.dist_timeout_s=5")
+    _train(workspace, 2, reference, steps, *sets)  # the uninterrupted job
 
     # A rank killed mid-run: torchrun stops the other one and names the failure.
     job = _launch(2, _train_args(workspace, run, steps, *sets), workspace["root"])
-    _wait_for_step(run, 25, job)
+    _wait_for_step(run, 25, job)  # past the checkpoint of step 20
     os.kill(_rank_pid(run, 1), signal.SIGKILL)
     code, output = _finish(job, timeout=60)
     assert code != 0 and "Signal 9 (SIGKILL) received by PID" in output, output[-3000:]
@@ -191,15 +229,25 @@ def test_a_killed_or_hung_rank_ends_the_job_and_the_rerun_loses_nothing(workspac
 
     # A rank that hangs (stopped): the other gives up after train.dist_timeout_s with an explanation.
     job = _launch(2, _train_args(workspace, run, steps, *sets), workspace["root"])
-    _wait_for_step(run, killed_at + 20, job)
-    hung = _rank_pid(run, 1)
+    _wait_for_step(run, killed_at + 15, job)  # the rerun went on from step 20 and wrote more checkpoints
+    waiting, hung = _rank_pid(run, 0), _rank_pid(run, 1)
     os.kill(hung, signal.SIGSTOP)
     began = time.monotonic()
-    code, output = _finish(job, timeout=90)
-    assert code != 0 and time.monotonic() - began < 60
-    assert "rank 0 of 2: step" in output and "did not answer within train.dist_timeout_s=10 s" in output, output[-3000:]
+    while _alive(waiting) and time.monotonic() - began < 60:
+        time.sleep(0.1)
+    assert time.monotonic() - began < 30  # 5 s of timeout, then the error
+    os.kill(hung, signal.SIGCONT)  # lets the SIGTERM from torchrun take effect now rather than after its grace
+    code, output = _finish(job, timeout=60)
+    assert code != 0
+    assert "rank 0 of 2 stopped at step" in output and "did not answer within train.dist_timeout_s=5 s" in output, (
+        output[-3000:]
+    )
     assert "Start the same command again to resume" in output
 
-    # The same command again resumes from the newest complete checkpoint and ends where one process does.
+    # The same command again resumes from the newest complete checkpoint and ends exactly where the
+    # uninterrupted job ends: every logged loss of the resumed steps, every weight and table row.
     _train(workspace, 2, run, steps, *sets)
-    _assert_same_training(run, reference, range(steps - 9, steps + 1), _state(reference))
+    assert _losses(run) == _losses(reference)
+    state, expected = _state(run), _state(reference)
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[name], expected[name]) for name in expected)

@@ -57,6 +57,8 @@ def test_a_sharded_step_equals_one_process_on_the_combined_batch(tmp_path, nproc
     looked_up = reference(indices)
     loss = (looked_up * weights).sum()
     loss.backward()
+    rows, grads = reference.take_row_grad()  # the summed gradient of every looked-up row
+    reference(indices).mul(weights).sum().backward()  # again, for the optimizer
     RowAdam([reference], lr=0.1).step()
     expected_rows = reference.read_rows(torch.arange(ROWS))
 
@@ -66,6 +68,9 @@ def test_a_sharded_step_equals_one_process_on_the_combined_batch(tmp_path, nproc
     shards = torch.cat([r["shard"] for r in ranks])
     assert not torch.equal(shards, table)  # the step changed rows
     torch.testing.assert_close(shards, expected_rows, rtol=1e-5, atol=1e-6)
+    # Averaging owners receive the combined batch's gradient over the number of ranks, for every looked-up row.
+    assert torch.equal(torch.cat([r["grad_rows"] for r in ranks]), rows)
+    torch.testing.assert_close(torch.cat([r["mean_grads"] for r in ranks]), grads / nproc)
     # Each distinct row of a rank's batch crossed once each way, with its id: the minimum exchange.
     for rank, saved in enumerate(ranks):
         mine = indices[rank * len(indices) // nproc : (rank + 1) * len(indices) // nproc]

@@ -4,7 +4,8 @@ Usage: torchrun --nproc-per-node N tests/distributed/sharded_step.py OUT_DIR TIE
 
 Every rank builds the same full table and the same combined batch (seeded), keeps its shard of the
 rows and its slice of the batch, looks up, backpropagates a sum loss and takes one RowAdam step.
-It writes ``rank<r>.safetensors``: its loss, its shard's rows and the rows its lookup returned.
+It writes ``rank<r>.safetensors``: its loss, its shard's rows and the rows its lookup returned, and
+the gradient its own rows receive when the ranks' gradients are averaged (``grad_reduction="mean"``).
 """
 
 from __future__ import annotations
@@ -53,12 +54,19 @@ def main() -> None:
     loss = (looked_up * weights[mine]).sum()
     loss.backward()
     optimizer.step()
+    shard = local.read_rows(torch.arange(end - start))
+    # The same loss through a table that averages the ranks' gradients (as DDP does for dense ones).
+    averaging = ShardedTable(ROWS, DIM, local).train()
+    (averaging(indices[mine]) * weights[mine]).sum().backward()
+    grad_rows, grads = averaging.take_row_grad()
     save_file(
         {
             "loss": loss.detach().reshape(1),
-            "shard": local.read_rows(torch.arange(end - start)),
+            "shard": shard,
             "looked_up": looked_up.detach().contiguous(),
             "bytes_sent": torch.tensor([sharded.bytes_sent]),
+            "grad_rows": grad_rows + start,
+            "mean_grads": grads.contiguous(),
         },
         str(out_dir / f"rank{rank}.safetensors"),
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +215,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         window_start, window_steps = time.perf_counter(), 0
-        with bar:
+        with bar, self._explain_failed_collectives():
             while self.step < until:
-                loss = self._distributed_step() if self.world > 1 else self.train_step()
+                loss = self.train_step()
                 losses.append(loss)
                 window_steps += 1
                 bar.update(1)
@@ -242,15 +243,20 @@ class Trainer:
             plot_losses(self.metrics.read(), self.out_dir / "loss.png")
         return losses
 
-    def _distributed_step(self) -> float:
-        """``train_step``, with a failed collective (a rank died, or hung past the timeout) explained."""
+    @contextlib.contextmanager
+    def _explain_failed_collectives(self) -> Iterator[None]:
+        """On several ranks, turn the error of a failed collective (a rank died, or hung past the
+        timeout: in a step, an evaluation or a checkpoint) into one that says what to do."""
+        if self.world == 1:
+            yield
+            return
         try:
-            return self.train_step()
+            yield
         except RuntimeError as error:
             newest = latest_checkpoint(self.out_dir / "checkpoints") if self.out_dir is not None else None
             resume = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
             raise RuntimeError(
-                f"rank {self.rank} of {self.world}: step {self.step} failed, most likely because another rank died "
+                f"rank {self.rank} of {self.world} stopped at step {self.step}, most likely because another rank died "
                 f"or did not answer within train.dist_timeout_s={self.config.dist_timeout_s:g} s; {resume}. "
                 f"Start the same command again to resume from it. Cause: {error}"
             ) from error
