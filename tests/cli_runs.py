@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from engram import EngramConfig
 from engram.model import ModelConfig, MoEConfig
@@ -61,3 +64,31 @@ def make_workspace(root: Path) -> dict[str, Path]:
     )
     assert result.returncode == 0, result.stderr
     return {"root": root, "tokenizer": tokenizer, "model": model, "data": data}
+
+
+def launch_torchrun(nproc: int, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node N ARGS`` (``-m module ...`` or a script) in a session of
+    its own, so that a hang can be cleaned up with every worker (``finish``). Output: stdout and stderr merged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+    return subprocess.Popen(
+        [*launcher, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
+    """The exit code and output of a job from ``launch_torchrun``; fails the test (killing every
+    worker) if it runs past ``timeout`` seconds."""
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"the job did not end within {timeout} s:\n{output[-3000:]}")
+    return process.returncode, output

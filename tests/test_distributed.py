@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from engram.storage import DiskTable
 from engram.training.checkpoint import ShardReader, latest_checkpoint, load_checkpoint, read_manifest
 from engram.training.checkpoint_io import load_state
 from engram.training.run import load_run
-from tests.cli_runs import REPO, make_workspace, run_engram
+from tests.cli_runs import finish, launch_torchrun, make_workspace, run_engram
 
 
 @pytest.fixture(scope="module")
@@ -49,29 +48,7 @@ def _train_args(ws: dict[str, Path], run: Path, steps: int, *sets: str) -> list[
 
 
 def _launch(nproc: int, args: list[str], cache: Path) -> subprocess.Popen:
-    """``torchrun --standalone --nproc-per-node N -m engram ARGS`` in a session of its own (so that
-    every worker can be killed with it)."""
-    env = {**os.environ, "ENGRAM_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    return subprocess.Popen(
-        [*launcher, "-m", "engram", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        cwd=REPO,
-        start_new_session=True,
-    )
-
-
-def _finish(process: subprocess.Popen, timeout: float) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"the job did not end within {timeout} s:\n{output[-3000:]}")
-    return process.returncode, output
+    return launch_torchrun(nproc, ["-m", "engram", *args], env={"ENGRAM_CACHE_DIR": str(cache)})
 
 
 def _train(ws: dict[str, Path], nproc: int, run: Path, steps: int, *sets: str) -> None:
@@ -80,7 +57,7 @@ def _train(ws: dict[str, Path], nproc: int, run: Path, steps: int, *sets: str) -
         result = run_engram(*args, cache=ws["root"])
         assert result.returncode == 0, result.stderr[-3000:]
         return
-    code, output = _finish(_launch(nproc, args, ws["root"]), timeout=240)
+    code, output = finish(_launch(nproc, args, ws["root"]), timeout=240)
     assert code == 0, output[-3000:]
 
 
@@ -171,12 +148,14 @@ def test_disk_shards_train_like_one_process_and_resume_only_at_their_world_size(
     for rank in range(2):  # each rank's rows live in its own disk table, not in the checkpoint
         assert (run / "tables" / "layer_01" / f"shard_{rank:05d}_of_00002" / "weight.table").is_file()
     assert sum(f.stat().st_size for f in (latest_checkpoint(run / "checkpoints") / "tables").iterdir()) < 1000
+    info = run_engram("tables", "info", run / "tables", cache=workspace["root"])
+    assert info.returncode == 0 and all(f"shard_{r:05d}_of_00002" in info.stdout for r in range(2)), info.stderr
     state = _state(run)  # the dense weights; and the table rows and Adam state from the disk shards:
     for name in ("weight", "exp_avg", "exp_avg_sq", "row_step"):
         shards = [DiskTable(run / "tables" / "layer_01" / f"shard_{r:05d}_of_00002") for r in range(2)]
         state[f"table1/{name}"] = torch.cat([s.weight if name == "weight" else s.row_states()[name] for s in shards])
     _assert_close_states(state, expected[6])
-    code, output = _finish(_launch(4, _train_args(workspace, run, 9, "storage.tier=disk"), workspace["root"]), 240)
+    code, output = finish(_launch(4, _train_args(workspace, run, 9, "storage.tier=disk"), workspace["root"]), 240)
     assert code != 0 and "are sharded over 2 ranks and this job has 4" in output, output[-3000:]
     _train(workspace, 2, run, 9, "storage.tier=disk")
     assert _losses(run)[9] == pytest.approx(_losses(reference)[9], rel=1e-6)
@@ -223,7 +202,7 @@ def test_a_killed_or_hung_rank_ends_the_job_and_the_rerun_loses_nothing(workspac
     job = _launch(2, _train_args(workspace, run, steps, *sets), workspace["root"])
     _wait_for_step(run, 25, job)  # past the checkpoint of step 20
     os.kill(_rank_pid(run, 1), signal.SIGKILL)
-    code, output = _finish(job, timeout=60)
+    code, output = finish(job, timeout=60)
     assert code != 0 and "Signal 9 (SIGKILL) received by PID" in output, output[-3000:]
     killed_at = max(_losses(run))
 
@@ -237,7 +216,7 @@ def test_a_killed_or_hung_rank_ends_the_job_and_the_rerun_loses_nothing(workspac
         time.sleep(0.1)
     assert time.monotonic() - began < 30  # 5 s of timeout, then the error
     os.kill(hung, signal.SIGCONT)  # lets the SIGTERM from torchrun take effect now rather than after its grace
-    code, output = _finish(job, timeout=60)
+    code, output = finish(job, timeout=60)
     assert code != 0
     assert "rank 0 of 2 stopped at step" in output and "did not answer within train.dist_timeout_s=5 s" in output, (
         output[-3000:]

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,29 +11,15 @@ from safetensors.torch import load_file
 from engram.storage import HostTable
 from engram.storage.sharded import shard_ranges
 from engram.training import RowAdam
+from tests.cli_runs import finish, launch_torchrun
 from tests.distributed.sharded_step import DIM, ROWS, problem
 
 SCRIPT = Path(__file__).resolve().parent / "distributed" / "sharded_step.py"
 
 
 def _torchrun(nproc: int, out_dir: Path, tier: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SCRIPT.parents[2])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    # A session of its own, so that a hang is cleaned up with every worker.
-    process = subprocess.Popen(
-        [*command, str(SCRIPT), str(out_dir), tier],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        raise
-    assert process.returncode == 0, stderr[-3000:]
+    code, output = finish(launch_torchrun(nproc, [str(SCRIPT), str(out_dir), tier]), timeout=120)
+    assert code == 0, output[-3000:]
 
 
 def test_shard_ranges_cover_the_table_with_a_shorter_last_shard():

@@ -53,7 +53,8 @@ def _table_folders(path: Path) -> list[Path]:
         return [path]
     if (path / WEIGHT_FILE).is_file():
         return [path]
-    folders = sorted(p for p in path.glob("*") if (p / WEIGHT_FILE).is_file()) if path.is_dir() else []
+    # layer folders, and the shard folders inside them of a run sharded over several processes
+    folders = sorted(p.parent for p in path.rglob(WEIGHT_FILE)) if path.is_dir() else []
     if not folders:
         raise FileNotFoundError(f"{path} holds no engram table ({WEIGHT_FILE} or layer folders with one)")
     return folders

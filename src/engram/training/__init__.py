@@ -2,6 +2,7 @@
 
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.training.config import TrainConfig, lr_factor
+from engram.training.distributed import init_distributed
 from engram.training.row_optim import RowAdagrad, RowAdam, RowOptimizer
 from engram.training.sparse_adam import SparseRowAdam
 from engram.training.trainer import Trainer, build_optimizers, seed_everything
@@ -14,6 +15,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "build_optimizers",
+    "init_distributed",
     "latest_checkpoint",
     "load_checkpoint",
     "lr_factor",

@@ -191,7 +191,7 @@ def save_checkpoint(
     records = [json.loads(raw) for raw in gather_bytes(json.dumps(record).encode())]
     if me == 0:
         for shard_rank, shard in enumerate(records):
-            shard["rows"] = {str(layer): _shard_rows(table, world, shard_rank) for layer, table in tables.items()}
+            shard["rows"] = {str(layer): _shard_rows(table, shard_rank) for layer, table in tables.items()}
         save_state(staging / DENSE, _dense_tree(step, model, optimizers, train_config, run_info))
         write_manifest(staging, new_manifest(step, world, _table_entries(tables), records))
         swap_into_place(staging, final)
@@ -204,7 +204,8 @@ def save_checkpoint(
     return final
 
 
-def _shard_rows(table: TableStorage, world: int, shard_rank: int) -> list[int]:
+def _shard_rows(table: TableStorage, shard_rank: int) -> list[int]:
+    """The rows [start, end) of ``table`` that rank ``shard_rank`` holds."""
     if isinstance(table, ShardedTable):
         start, end = table.ranges[shard_rank]
         return [start, end]
@@ -372,8 +373,8 @@ def _load_tables(path: Path, manifest: dict[str, Any], model: EngramLM, with_sta
             if manifest["world_size"] != world_size():
                 raise ValueError(
                     f"the disk tables of checkpoint {path} are sharded over {manifest['world_size']} ranks and "
-                    f"this job has {world_size()}: resume with that many ranks (disk shards are not re-sharded); "
-                    "to change the world size, convert the run's tables to the host tier first"
+                    f"this job has {world_size()}: resume with {manifest['world_size']} ranks (disk shards are not "
+                    "re-sharded; tables in the device or host tier are)"
                 )
             table.restore_checkpoint(step)
             continue

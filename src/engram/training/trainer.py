@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from engram.data.batches import RandomWindows
 from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.lm import EngramLM
+from engram.storage.sharded import ShardedTable
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.training.config import TrainConfig, lr_factor
 from engram.training.distributed import mean_over_ranks, rank, sum_over_ranks_, world_size, wrap_dense_ddp
@@ -140,6 +141,12 @@ class Trainer:
                 f"train.batch_size={config.batch_size} must be a multiple of the {self.world} ranks: each rank "
                 "takes an equal slice of every step's batch"
             )
+        if self.world > 1 and not all(isinstance(t, ShardedTable) for t in model.engram_tables()):
+            raise ValueError(
+                f"this process is one of {self.world} ranks, but the model's Engram tables are not sharded: build "
+                "the model after joining the process group (engram.training.distributed.init_distributed), so "
+                "that build_table shards them"
+            )
         # The module the forward pass goes through: DDP averages the dense gradients across ranks.
         self.forward_model = wrap_dense_ddp(self.model) if self.world > 1 else self.model
         self.batches = RandomWindows(train_tokens, config.batch_size, config.seq_len, seed=config.seed)
@@ -154,6 +161,7 @@ class Trainer:
         tables = {id(p) for p in table_parameters(model)}
         self.dense_params = [p for p in model.parameters() if id(p) not in tables]
         self.step = 0
+        self._exchange_seconds_logged = 0.0
         self.out_dir = Path(out_dir) if out_dir is not None else None
         keeps_metrics = self.out_dir is not None and self.rank == 0
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl") if keeps_metrics else None
@@ -232,6 +240,7 @@ class Trainer:
                             "lr": self.config.lr * lr_factor(self.config, self.step - 1),
                             "tokens_per_s": speed,
                             **self._cache_hit_rates(),
+                            **self._table_exchange_share(elapsed),
                         }
                     )
                     window_start, window_steps = time.perf_counter(), 0
@@ -270,6 +279,17 @@ class Trainer:
                 rates[f"table{layer}_cache_hit_rate"] = cache.hit_rate
                 cache.reset_stats()
         return rates
+
+    def _table_exchange_share(self, elapsed: float) -> dict[str, float]:
+        """Share of the wall time since the last log line that this rank spent in the sharded tables'
+        all-to-all exchanges (``table_exchange_share``; waiting for slower ranks included)."""
+        sharded = [table for table in self.model.engram_tables() if isinstance(table, ShardedTable)]
+        if not sharded:
+            return {}
+        total = sum(table.comm_seconds for table in sharded)
+        share = (total - self._exchange_seconds_logged) / max(elapsed, 1e-9)
+        self._exchange_seconds_logged = total
+        return {"table_exchange_share": share}
 
     def _due(self, every: int) -> bool:
         return every > 0 and self.step % every == 0
