@@ -137,6 +137,7 @@ def write_shard(folder: Path, shard_rank: int, world: int, tensors: dict[str, to
     save_file(tensors, tmp)
     fsync_file(tmp)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     return {"file": name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
