@@ -51,7 +51,8 @@ class ShardedTable(TableStorage):
         grad_reduction: ``"mean"`` (default, as DDP) or ``"sum"`` of the ranks' gradients of a row.
 
     Attributes:
-        bytes_sent: payload bytes this rank has sent (ids, rows and gradients), for benchmarks.
+        bytes_sent: payload bytes this rank has passed to all_to_all (ids, rows and gradients), for
+            benchmarks; this includes the part addressed to the rank itself, a local copy.
         comm_seconds: wall time this rank has spent in the exchanges (host side: with NCCL this is
             the time to enqueue them unless the caller synchronises).
     """

@@ -29,6 +29,7 @@ wrote it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -333,7 +334,7 @@ class ShardReader:
         """Rows [start, end) of array ``name`` of table ``layer``, in chunks ``(offset from start, values)``."""
         entry = self.manifest["tables"][str(layer)]
         row_shape = [entry["dim"]] if name == "weight" else entry["states"][name]["row_shape"]
-        row_bytes = 4 * max(1, int(torch.tensor(row_shape).prod()))
+        row_bytes = 8 * math.prod(row_shape)  # at most 8 bytes an element: a bound for the chunk size
         chunk = max(1, _READ_BYTES // row_bytes)
         for shard in self.manifest["shards"]:
             first, last = shard["rows"][str(layer)]
