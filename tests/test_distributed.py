@@ -21,6 +21,7 @@ import torch
 from engram.storage import DiskTable
 from engram.training.checkpoint import ShardReader, latest_checkpoint, load_checkpoint, read_manifest
 from engram.training.checkpoint_io import load_state
+from engram.training.errors import DamagedCheckpointError
 from engram.training.run import load_run
 from tests.cli_runs import finish, launch_torchrun, make_workspace, run_engram
 
@@ -137,7 +138,7 @@ def test_ranks_2_then_4_then_one_process_train_like_one_process_and_reshard(work
     with pytest.raises(ValueError, match=r"shard_00002_of_00004\.safetensors does not match manifest\.json"):
         load_checkpoint(damaged, model)
     shard.unlink()
-    with pytest.raises(FileNotFoundError, match="lacks its table shard tables/shard_00002_of_00004"):
+    with pytest.raises(DamagedCheckpointError, match="lacks its table shard tables/shard_00002_of_00004"):
         load_checkpoint(damaged, model)
 
 
@@ -193,7 +194,7 @@ def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: flo
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the workers through /proc")
-def test_a_killed_or_hung_rank_ends_the_job_and_the_rerun_loses_nothing(workspace):
+def test_a_killed_hung_or_stopped_job_resumes_and_the_rerun_loses_nothing(workspace):
     run, reference = workspace["root"] / "faults", workspace["root"] / "faults-reference"
     steps, sets = 100, ("train.checkpoint_every=10", "train.dist_timeout_s=5")
     _train(workspace, 2, reference, steps, *sets)  # the uninterrupted job
@@ -222,6 +223,18 @@ def test_a_killed_or_hung_rank_ends_the_job_and_the_rerun_loses_nothing(workspac
         output[-3000:]
     )
     assert "Start the same command again to resume" in output
+
+    # SIGTERM to the launcher (a scheduler taking the machine back): every rank finishes the same step, and
+    # that step is checkpointed.
+    stale = max(_losses(run))  # the metrics past the newest checkpoint, dropped when the job resumes
+    job = _launch(2, _train_args(workspace, run, steps, *sets), workspace["root"])
+    _wait_for_step(run, stale + 5, job)
+    os.kill(job.pid, signal.SIGTERM)
+    code, output = finish(job, timeout=60)
+    stopped = max(_losses(run))
+    assert code != 0 and f"stopped by SIGTERM after step {stopped}; its checkpoint is" in output, output[-3000:]
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    assert checkpoint.name == f"step_{stopped:08d}" and read_manifest(checkpoint)["world_size"] == 2
 
     # The same command again resumes from the newest complete checkpoint and ends exactly where the
     # uninterrupted job ends: every logged loss of the resumed steps, every weight and table row.

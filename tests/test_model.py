@@ -119,7 +119,7 @@ def test_config_round_trip_and_validation(tmp_path):
         ModelConfig.from_dict({"vocab_size": 10, "d_ff": 3})
     with pytest.raises(ValueError, match=r"unknown MoEConfig keys \['experts'\]"):
         ModelConfig.from_dict({"vocab_size": 10, "moe": {"experts": 3}})
-    with pytest.raises(ValueError, match=r"engram.layer_ids \[2\] do not exist in a 2-layer model"):
+    with pytest.raises(ValueError, match=r"engram\.layer_ids: layers \[2\] do not exist in a 2-layer model"):
         ModelConfig(**BASE, engram=dataclasses.replace(ENGRAM, layer_ids=[2]))
     with pytest.raises(ValueError, match="heads of even size"):
         ModelConfig(**{**BASE, "n_heads": 5})

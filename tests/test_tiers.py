@@ -148,7 +148,8 @@ def test_disk_checkpoints_copy_nothing_and_a_crash_between_them_loses_nothing(co
     expected = straight.train()  # 12 steps, checkpoints at 4, 8, 12
 
     crashed = _disk_trainer(compressor, tmp_path / "b", write_buffer_mb=write_buffer_mb)
-    assert crashed.train(until=10) == expected[:10]  # checkpoint at 8, then two steps change the table
+    losses = crashed.train(until=8) + [crashed.train_step() for _ in range(2)]  # two steps after the checkpoint
+    assert losses == expected[:10]
     table = crashed.model.engram_tables()[0]
     assert table.metadata["committed_step"] == 8 and table.metadata["dirty"]
     del crashed, table  # a crash: nothing is flushed or committed after step 8
@@ -171,7 +172,8 @@ def test_disk_checkpoints_copy_nothing_and_a_crash_between_them_loses_nothing(co
 
 def test_disk_table_without_journal_refuses_a_resume_it_cannot_make_exact(compressor, tmp_path):
     crashed = _disk_trainer(compressor, tmp_path, journal=False)
-    crashed.train(until=6)  # checkpoint at 4, then two unjournaled steps
+    crashed.train(until=4)
+    crashed.train_step(), crashed.train_step()  # two unjournaled steps after the checkpoint, then a crash
     del crashed
     resumed = _disk_trainer(compressor, tmp_path, journal=False)
     with pytest.raises(TableStateError, match="changed after checkpoint step 4 and keeps no undo journal"):
@@ -311,7 +313,7 @@ def test_the_metrics_report_each_cache_hit_rate(compressor, tmp_path):
 
 def test_a_crash_before_the_first_checkpoint_is_not_trained_over(compressor, tmp_path):
     crashed = _disk_trainer(compressor, tmp_path)
-    crashed.train(until=2)  # no checkpoint yet (every 4 steps)
+    crashed.train_step(), crashed.train_step()  # no checkpoint yet, then a crash
     crashed.model.engram_tables()[0].flush()
     del crashed
     again = _disk_trainer(compressor, tmp_path)

@@ -98,8 +98,11 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_a_mismatch(compressor, tm
     with pytest.warns(UserWarning, match="skipping the damaged or incomplete checkpoint .*step_00000012"):
         assert latest_checkpoint(tmp_path / "checkpoints") == checkpoints[0]
     fresh = _trainer(compressor, tmp_path, seed=5)
-    with pytest.warns(UserWarning, match="skipping"):
+    with pytest.warns(UserWarning, match="step_00000012 cannot be used: its dense state .*resuming from step_00000006"):
         assert fresh.resume() and fresh.step == 6
+    # the damaged checkpoint is set aside, never to be overwritten by the resumed run's step 12
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0] == "step_00000006" and names[1].startswith("step_00000012.damaged-")
 
     wider = dataclasses.replace(MODEL, d_model=64)
     other = _trainer(compressor, None, model_config=wider)
@@ -166,7 +169,7 @@ def test_learning_rate_schedules():
 def test_train_config_validation():
     with pytest.raises(ValueError, match=r"unknown TrainConfig keys \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 1.0})
-    with pytest.raises(ValueError, match="optimizer must be"):
+    with pytest.raises(ValueError, match="optimizer: expected 'adamw' or 'muon', got 'sgd'"):
         TrainConfig(optimizer="sgd")
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps: must be >= 1, got 0"):
         TrainConfig(steps=0)

@@ -50,8 +50,9 @@ def test_train_resume_eval_generate(workspace):
     run = workspace["root"] / "run"
     first = _train(workspace, run, 6)
     assert first.returncode == 0, first.stderr
-    summary = json.loads(first.stdout.splitlines()[-2])
+    summary = json.loads(first.stdout.splitlines()[-3])
     assert summary["step"] == 6 and {"val_loss", "val_bpb", "val_loss_engram_off"} <= set(summary)
+    assert first.stdout.splitlines()[-2] == f"checkpoint of step 6: {run / 'checkpoints' / 'step_00000006'}"
     assert {"run.json", "metrics.jsonl", "loss.png", "checkpoints"} <= {p.name for p in run.iterdir()}
 
     resumed = _train(workspace, run, 9)  # the same command with more steps continues the run

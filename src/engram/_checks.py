@@ -19,6 +19,11 @@ def as_id_tensor(ids: torch.Tensor, name: str, ndim: int | None = None) -> torch
         raise TypeError(f"{name} must hold integer ids, got dtype {ids.dtype}; convert with .long()")
     if ndim is not None and ids.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(ids.shape)}")
+    if ids.dtype == torch.uint64 and ids.device.type != "meta":
+        wrapped = ids.view(torch.int64) < 0  # values >= 2^63 would wrap to negative ids in int64
+        if bool(wrapped.any()):
+            bad = int(ids.view(torch.int64)[wrapped][0]) + 2**64
+            raise ValueError(f"{name} contains id {bad} (uint64), beyond any vocabulary; ids must fit in int64")
     return ids.long()
 
 

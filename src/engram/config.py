@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from engram._checks import check_hashing_params
-from engram._json_config import JsonConfig
+from engram._json_config import ConfigError, JsonConfig, require
 
 GateActivation = Literal["signed_sqrt", "plain"]
 
@@ -56,23 +56,23 @@ class EngramConfig(JsonConfig):
     gate_norm_eps: float | None = None
     conv_norm_eps: float = 1e-5
 
-    def __post_init__(self) -> None:
-        self.layer_ids = list(self.layer_ids)
-        self.engram_vocab_size = list(self.engram_vocab_size)
-        check_hashing_params(self.layer_ids, self.max_ngram_size, self.n_head_per_ngram, self.engram_vocab_size)
+    def validate(self) -> None:
+        try:
+            check_hashing_params(self.layer_ids, self.max_ngram_size, self.n_head_per_ngram, self.engram_vocab_size)
+        except ValueError as exc:  # the hasher's own rules, shared; their messages name the field
+            raise ConfigError("", str(exc)) from None
         if self.n_embed_per_ngram < 1 or self.n_embed_per_ngram % self.n_head_per_ngram != 0:
-            raise ValueError(
-                f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be a positive multiple of n_head_per_ngram "
-                f"({self.n_head_per_ngram}) so that every head gets the same width"
+            raise ConfigError(
+                "n_embed_per_ngram",
+                f"must be a positive multiple of n_head_per_ngram ({self.n_head_per_ngram}) so that every head "
+                f"gets the same width, got {self.n_embed_per_ngram}",
             )
-        if self.kernel_size < 1:
-            raise ValueError(f"kernel_size must be >= 1, got {self.kernel_size}")
-        if self.gate_activation not in ("signed_sqrt", "plain"):
-            raise ValueError(f"gate_activation must be 'signed_sqrt' or 'plain', got {self.gate_activation!r}")
-        if self.pad_id < 0:
-            raise ValueError(f"pad_id must be a raw token id >= 0, got {self.pad_id}")
-        if self.table_init_std < 0:
-            raise ValueError(f"table_init_std must be >= 0, got {self.table_init_std}")
+        require(self, "pad_id", ge=0)  # a raw token id
+        require(self, "seed", ge=0)  # numpy seeds the multipliers with seed + 10007 * layer
+        require(self, "kernel_size", ge=1)
+        require(self, "table_init_std", ge=0)
+        require(self, "gate_norm_eps", gt=0)
+        require(self, "conv_norm_eps", gt=0)
 
     @property
     def head_dim(self) -> int:

@@ -7,10 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from engram._json_config import option_type
 from engram.cli._options import add_tokenizer_option
 from engram.data.dataset import SPLITS, TokenDataset
 from engram.data.fetch import FetchError
-from engram.data.prepare import prepare_dataset
+from engram.data.prepare import check_splits, prepare_dataset
 from engram.data.sources import NAMED_CORPORA
 from engram.hashing.compression import CompressedTokenizer
 
@@ -58,17 +59,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the document split (default: %(default)s)")
     parser.add_argument(
-        "--max-tokens", type=int, default=None, metavar="N", help="stop after about N tokens (whole documents)"
+        "--max-tokens",
+        type=option_type(int, ge=1),
+        default=None,
+        metavar="N",
+        help="stop after about N tokens (whole documents)",
     )
     parser.add_argument(
         "--min-count",
-        type=int,
+        type=option_type(int, ge=1),
         default=1,
         metavar="N",
         help="keep tokenizer ids seen at least N times in train for the output vocabulary (default: %(default)s)",
     )
     parser.add_argument(
-        "--max-vocab", type=int, default=None, metavar="N", help="keep at most the N most frequent of those ids"
+        "--max-vocab",
+        type=option_type(int, ge=1),
+        default=None,
+        metavar="N",
+        help="keep at most the N most frequent of those ids",
     )
     parser.add_argument(
         "--separator-id",
@@ -79,7 +88,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-doc-chars",
-        type=int,
+        type=option_type(int, ge=1),
         default=None,
         metavar="N",
         help="cut longer documents into parts of at most N characters, each split on its own "
@@ -98,14 +107,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _parse_split(text: str) -> tuple[float, ...]:
+def _parse_split(text: str) -> tuple[float, float, float]:
+    """--split checked by ``prepare_dataset``'s own rule, before any work."""
     try:
-        fractions = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        fractions = ()
-    if len(fractions) != 3:
-        raise ValueError(f"--split must be three comma-separated fractions like 0.98,0.01,0.01, got {text!r}")
-    return fractions
+        return check_splits(text.split(","))
+    except ValueError as exc:
+        raise ValueError(f"--split: {exc} (three comma-separated fractions like 0.98,0.01,0.01)") from None
 
 
 def run(args: argparse.Namespace) -> int:

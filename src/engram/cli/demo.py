@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram._files import FolderLock
+from engram._json_config import option_type
 from engram.config import EngramConfig
 from engram.data import TokenDataset, prepare_dataset
 from engram.eval.plots import plot_gate_heatmap, plot_loss_comparison
@@ -74,7 +76,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few steps only (for tests and a first look)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per model")
+    parser.add_argument("--steps", type=option_type(int, ge=1), default=None, help="training steps per model")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and batch-order seed (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run)
@@ -106,14 +108,19 @@ def _gate_panels(model: EngramLM, tokenizer: CompressedTokenizer) -> list[tuple[
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = CompressedTokenizer()
-    _dataset(out, tokenizer)
-    train = dataclasses.replace(TRAIN, **(QUICK if args.quick else {}))
+    train = dataclasses.replace(TRAIN, **(QUICK if args.quick else {}))  # validated before any work
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps)
     train = dataclasses.replace(train, seed=args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out, "engram demo"):  # one demo per folder; each run inside takes its own lock too
+        return _run(args, out, train, started)
+
+
+def _run(args: argparse.Namespace, out: Path, train: TrainConfig, started: float) -> int:
+    tokenizer = CompressedTokenizer()
+    _dataset(out, tokenizer)
     allocation = allocate(BASELINE, RHO, ENGRAM_LAYERS)
     configs = {"MoE": allocation.moe, "Engram+MoE": allocation.engram}
 
@@ -124,7 +131,10 @@ def run(args: argparse.Namespace) -> int:
         spec = RunSpec(model=config, train=train, data=str((out / "data").resolve()))
         trainer = start_run(spec, run_dir, progress=not args.no_progress)
         step_start, step0 = time.perf_counter(), trainer.step
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
         elapsed = time.perf_counter() - step_start
         evaluation = trainer.evaluate(max_batches=train.eval_batches)
         counts = count_parameters(trainer.model)

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from engram._json_config import option_type
 from engram.eval.evaluate import evaluate_with_and_without_engram, token_byte_lengths
 from engram.training.run import load_run
 
@@ -14,7 +15,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="evaluate a trained run on its dataset's validation or test split")
     parser.add_argument("run_dir", type=Path, metavar="RUN", help="run folder written by `engram train`")
     parser.add_argument("--split", choices=("val", "test"), default="val")
-    parser.add_argument("--batches", type=int, default=None, help="evaluate at most this many batches (default: all)")
+    parser.add_argument(
+        "--batches", type=option_type(int, ge=1), default=None, help="evaluate at most this many batches (default: all)"
+    )
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.set_defaults(run=run)
 

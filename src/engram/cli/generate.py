@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from engram._json_config import option_type
 from engram.inference import generate
 from engram.training.run import load_run
 
@@ -15,12 +16,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("generate", help="continue a prompt with the model of a trained run")
     parser.add_argument("run_dir", type=Path, metavar="RUN", help="run folder written by `engram train`")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
+    # Checked here, before the model loads; `generate` checks its arguments again for library callers.
     parser.add_argument(
-        "--top-k", type=int, default=40, help="sample among the k likeliest tokens (default: %(default)s)"
+        "--max-new-tokens", type=option_type(int, ge=1), default=60, help="at least 1 (default: %(default)s)"
     )
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1]")
+    parser.add_argument(
+        "--temperature", type=option_type(float, ge=0), default=0.8, help="0 is greedy (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--top-k",
+        type=option_type(int, ge=1),
+        default=40,
+        help="sample among the k likeliest tokens, k >= 1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--top-p", type=option_type(float, gt=0, le=1), default=None, help="nucleus sampling threshold in (0, 1]"
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     parser.add_argument("--engram-off", action="store_true", help="generate with the Engram output zeroed")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

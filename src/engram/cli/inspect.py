@@ -59,14 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_config(path: Path | None) -> EngramConfig:
-    if path is None:
-        return EngramConfig()
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    try:
-        return EngramConfig.from_json(path.read_text())
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"{path}: {exc}") from exc
+    return EngramConfig() if path is None else EngramConfig.load(path)
 
 
 def _show(text: str, width: int = 0) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engram._json_config import option_type
 from engram.config import EngramConfig
 from engram.model.accounting import ParamCounts, allocate, estimate_parameters
 from engram.model.config import ModelConfig
@@ -19,8 +20,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "tables (1 - rho) at equal total parameters.",
     )
     parser.add_argument("--config", type=Path, required=True, help="ModelConfig JSON")
-    parser.add_argument("--seq-len", type=int, default=None, help="context for the FLOP count (default: max_seq_len)")
-    parser.add_argument("--rho", type=float, default=None, help="share of the sparse budget kept by routed experts")
+    parser.add_argument(
+        "--seq-len", type=option_type(int, ge=1), default=None, help="context for the FLOP count (default: max_seq_len)"
+    )
+    parser.add_argument(
+        "--rho",
+        type=option_type(float, gt=0, le=1),
+        default=None,
+        help="share of the sparse budget kept by routed experts, in (0, 1]",
+    )
     parser.add_argument(
         "--engram",
         type=Path,
@@ -57,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.engram is None:
         raise ValueError("--rho needs --engram, an EngramConfig JSON that fixes the Engram layers")
-    if not args.engram.is_file():
-        raise FileNotFoundError(f"config file {args.engram} does not exist")
-    template = EngramConfig.from_json(args.engram.read_text())
+    template = EngramConfig.load(args.engram)
     allocation = allocate(config, args.rho, template)
     _print_table({"pure MoE": allocation.moe_counts, f"Engram, rho={args.rho:g}": allocation.engram_counts})
     print(f"\nrouted experts per MoE layer: {config.moe.n_routed_experts} -> {allocation.engram.moe.n_routed_experts}")

@@ -10,7 +10,7 @@ from engram.cli._options import add_tokenizer_option
 from engram.model.config import ModelConfig
 from engram.storage.config import StorageConfig
 from engram.training.config import TrainConfig
-from engram.training.run import SPEC_FILE, RunSpec, apply_overrides, start_run
+from engram.training.run import SPEC_FILE, RunSpec, apply_overrides, read_spec, start_run
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -47,10 +47,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     model = ModelConfig.load(args.model)
     train = TrainConfig.load(args.train) if args.train is not None else TrainConfig()
-    storage = StorageConfig.load(args.storage) if args.storage is not None else StorageConfig()
-    storage_given = args.storage is not None or any(item.startswith("storage.") for item in args.overrides)
-    if not storage_given and (args.out / SPEC_FILE).is_file():  # resuming: the tables stay where the run keeps them
-        storage = RunSpec.from_json((args.out / SPEC_FILE).read_text()).storage
+    if args.storage is not None:
+        storage = StorageConfig.load(args.storage)
+    elif (args.out / SPEC_FILE).is_file():  # resuming: the tables stay where the run keeps them (--set may change)
+        storage = read_spec(args.out).storage
+    else:
+        storage = StorageConfig()
     tree = {"model": model.to_dict(), "train": train.to_dict(), "storage": storage.to_dict()}
     tree = apply_overrides(tree, args.overrides)
     if not (args.data / "manifest.json").is_file():
@@ -71,5 +73,6 @@ def run(args: argparse.Namespace) -> int:
     trainer.train()
     result = trainer.evaluate()
     report(json.dumps({"step": trainer.step, **{k: round(v, 4) for k, v in result.items()}}))
+    report(f"checkpoint of step {trainer.step}: {trainer.last_checkpoint}")
     report(f"run folder: {args.out} (metrics.jsonl, loss.png, checkpoints/)")
     return 0

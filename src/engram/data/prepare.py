@@ -53,7 +53,7 @@ _BATCH_DOCS = 4096
 
 def split_of(doc_id: str, seed: int, splits: Sequence[float] = (0.98, 0.01, 0.01)) -> str:
     """The split (``"train"``, ``"val"`` or ``"test"``) that ``prepare_dataset`` assigns to ``doc_id``."""
-    return SPLITS[_split_index(doc_id, seed, _thresholds(_check_splits(splits)))]
+    return SPLITS[_split_index(doc_id, seed, _thresholds(check_splits(splits)))]
 
 
 def default_separator_id(tokenizer: CompressedTokenizer) -> int:
@@ -121,7 +121,7 @@ def prepare_dataset(
     """
     if not isinstance(tokenizer, CompressedTokenizer):
         raise TypeError(f"tokenizer must be a CompressedTokenizer, got {type(tokenizer).__name__}")
-    fractions = _check_splits(splits)
+    fractions = check_splits(splits)
     for name, value, low in (("min_count", min_count, 1), ("batch_chars", batch_chars, 1), ("seed", seed, None)):
         if type(value) is not int or (low is not None and value < low):
             raise ValueError(f"{name} must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}")
@@ -171,6 +171,8 @@ def prepare_dataset(
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(tmp)
+        if target.exists() and any(target.iterdir()) and not overwrite:  # written meanwhile by another process
+            raise FileExistsError(f"{target} was written by another process meanwhile; this dataset is discarded")
         swap_into_place(tmp, target)
     except BaseException:
         if writer is not None:
@@ -183,7 +185,7 @@ def prepare_dataset(
 # -- splitting ------------------------------------------------------------------------------------------------
 
 
-def _check_splits(splits: Sequence[float]) -> tuple[float, float, float]:
+def check_splits(splits: Sequence[float]) -> tuple[float, float, float]:
     try:
         fractions = tuple(float(f) for f in splits)
     except (TypeError, ValueError):

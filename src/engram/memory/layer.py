@@ -204,8 +204,16 @@ class Engram(nn.Module):
     def _check_hidden(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
             raise TypeError("hidden_states must be a floating-point tensor")
+        computes_in = self.value_proj.weight.dtype
+        if torch.promote_types(hidden_states.dtype, computes_in) != computes_in:  # e.g. float64 into float32
+            raise TypeError(
+                f"hidden_states are {hidden_states.dtype} but this layer computes in {computes_in}; convert one to "
+                f"the other (hidden_states.to({computes_in}) or layer.to({hidden_states.dtype}))"
+            )
         d, m = self.hidden_size, self.n_branches
         shape = tuple(hidden_states.shape)
+        if hidden_states.dim() >= 3 and 0 in shape[:2]:
+            raise ValueError(f"hidden_states must hold at least one sequence of one position, got shape {shape}")
         if hidden_states.dim() == 3 and m == 1 and shape[-1] == d:
             return hidden_states.unsqueeze(-2), True
         if hidden_states.dim() == 4 and shape[-2:] == (m, d):

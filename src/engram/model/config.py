@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from engram._json_config import JsonConfig
+from engram._json_config import ConfigError, JsonConfig, require
 from engram.config import EngramConfig
 
 
@@ -43,18 +43,14 @@ class MoEConfig(JsonConfig):
     aux_loss_weight: float = 0.0
     route_scale: float = 1.0
 
-    def __post_init__(self) -> None:
-        if self.n_routed_experts < 1 or not 1 <= self.top_k <= self.n_routed_experts:
-            raise ValueError(
-                f"need n_routed_experts >= 1 and 1 <= top_k <= n_routed_experts, got "
-                f"{self.n_routed_experts} experts and top_k={self.top_k}"
-            )
-        if self.n_shared_experts < 0 or self.expert_hidden < 1:
-            raise ValueError("n_shared_experts must be >= 0 and expert_hidden >= 1")
-        if self.score_func not in ("sigmoid", "softmax"):
-            raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
-        if self.bias_update_rate < 0 or self.aux_loss_weight < 0:
-            raise ValueError("bias_update_rate and aux_loss_weight must be >= 0")
+    def validate(self) -> None:
+        require(self, "n_routed_experts", ge=1)
+        require(self, "top_k", ge=1, le="n_routed_experts")
+        require(self, "n_shared_experts", ge=0)
+        require(self, "expert_hidden", ge=1)
+        require(self, "bias_update_rate", ge=0)
+        require(self, "aux_loss_weight", ge=0)
+        require(self, "route_scale", gt=0)
 
 
 @dataclass
@@ -97,30 +93,29 @@ class ModelConfig(JsonConfig):
     norm_eps: float = 1e-6
     init_std: float = 0.02
 
-    def __post_init__(self) -> None:
-        if isinstance(self.moe, dict):
-            self.moe = MoEConfig.from_dict(self.moe)
-        if isinstance(self.engram, dict):
-            self.engram = EngramConfig.from_dict(self.engram)
+    def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "n_branches", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            require(self, name, ge=1)
         if self.input_vocab_size is not None and self.input_vocab_size < self.vocab_size - 1:
-            raise ValueError(
-                f"input_vocab_size ({self.input_vocab_size}) is smaller than the trimmed vocabulary it maps into "
-                f"({self.vocab_size - 1} ids plus the unknown id)"
+            raise ConfigError(
+                "input_vocab_size",
+                f"must be >= vocab_size - 1 ({self.vocab_size - 1}), got {self.input_vocab_size}: smaller than the "
+                f"trimmed vocabulary it maps into ({self.vocab_size - 1} ids plus the unknown id)",
             )
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            raise ValueError(
-                f"d_model ({self.d_model}) must split into n_heads ({self.n_heads}) heads of even size for RoPE"
+            raise ConfigError(
+                "d_model", f"must split into n_heads ({self.n_heads}) heads of even size for RoPE, got {self.d_model}"
             )
-        if not 0 <= self.n_dense_layers <= self.n_layers:
-            raise ValueError(f"n_dense_layers must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
+        require(self, "n_dense_layers", ge=0, le="n_layers")
+        require(self, "rope_theta", gt=0)
+        require(self, "norm_eps", gt=0)
+        require(self, "init_std", ge=0)
         if self.engram is not None:
             outside = [i for i in self.engram.layer_ids if i >= self.n_layers]
             if outside:
-                raise ValueError(
-                    f"engram.layer_ids {outside} do not exist in a {self.n_layers}-layer model (ids are 0-based)"
+                raise ConfigError(
+                    "engram.layer_ids",
+                    f"layers {outside} do not exist in a {self.n_layers}-layer model (ids are 0-based)",
                 )
 
     @property

@@ -297,6 +297,8 @@ class EngramLM(nn.Module):
                 ``engram_enabled`` the same for the whole sequence. For inference (no gradient).
         """
         input_ids = as_id_tensor(input_ids, "input_ids", ndim=2)
+        if 0 in input_ids.shape:
+            raise ValueError(f"input_ids (B, T) must have B >= 1 and T >= 1, got shape {tuple(input_ids.shape)}")
         n_ids = self.config.input_vocab_size or self.config.vocab_size
         check_id_range(input_ids, 0, n_ids, "input_ids", f" of the model's {n_ids} ids")
         engrams = self.engram_layers() if engram_enabled else {}

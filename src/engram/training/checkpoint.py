@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -48,7 +49,8 @@ from engram.storage.base import TableStorage
 from engram.storage.sharded import ShardedTable
 from engram.training.checkpoint_io import checkpoint_complete, load_state, save_state
 from engram.training.config import TrainConfig
-from engram.training.distributed import barrier, gather_bytes, rank, world_size
+from engram.training.distributed import all_ranks_agree, barrier, gather_bytes, rank, world_size
+from engram.training.errors import DamagedCheckpointError, NonFiniteError
 from engram.training.row_optim import RowOptimizer
 
 DENSE = "dense"
@@ -171,39 +173,64 @@ def save_checkpoint(
     train_config: TrainConfig,
     run_info: dict[str, Any] | None = None,
     keep_last: int = 2,
+    trainer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``directory/step_<step>`` and prune older checkpoints; returns the new folder.
 
+    ``trainer_state`` (JSON-able) comes back in the ``meta`` that ``load_checkpoint`` returns.
     Collective in a distributed run: every rank calls it and writes its own shard of the tables.
+
+    Raises:
+        NonFiniteError: a weight, optimizer state or table row in memory is NaN or infinite (on every
+            rank, when any rank found one); nothing is written. Disk tables are not scanned: the
+            trainer never applies an update computed from a non-finite gradient.
     """
     directory = Path(directory)
     world, me = world_size(), rank()
     final = directory / f"step_{step:08d}"
     staging = directory / f".partial-step_{step:08d}"
     tables = _tables(model)
+    shard_tensors = _shard_tensors(tables)
+    dense = _dense_tree(step, model, optimizers, train_config, run_info, trainer_state) if me == 0 else {}
+    non_finite = _non_finite(shard_tensors) + _non_finite(dense)
+    if not all_ranks_agree(not non_finite):
+        where = ", ".join(non_finite[:5]) + (f" and {len(non_finite) - 5} more" if len(non_finite) > 5 else "")
+        raise NonFiniteError(
+            f"the checkpoint of step {step} was not written: the state holds NaN or infinite values "
+            f"({where or 'on another rank'})"
+        )
     persisted = [table for table in tables.values() if table.persists_itself]
     for table in persisted:
         table.prepare_checkpoint(step)
     if me == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a crash during an earlier save
+        for partial in directory.glob(".partial-step_*"):  # left by a crash during an earlier save
+            shutil.rmtree(partial, ignore_errors=True)
         staging.mkdir(parents=True)
     barrier()
 
-    record = write_shard(staging, me, world, _shard_tensors(tables))
+    record = write_shard(staging, me, world, shard_tensors)
     records = [json.loads(raw) for raw in gather_bytes(json.dumps(record).encode())]
     if me == 0:
         for shard_rank, shard in enumerate(records):
             shard["rows"] = {str(layer): _shard_rows(table, shard_rank) for layer, table in tables.items()}
-        save_state(staging / DENSE, _dense_tree(step, model, optimizers, train_config, run_info))
+        save_state(staging / DENSE, dense)
         write_manifest(staging, new_manifest(step, world, _table_entries(tables), records))
         swap_into_place(staging, final)
-        complete = [p for _, p in _checkpoints(directory) if _complete(p)]
+        complete = [p for _, p in _checkpoints(directory) if checkpoint_damage(p) is None]
         for old in complete[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()  # the folder is in place on every rank before the disk tables count it as their restore point
     for table in persisted:
         table.commit_checkpoint(step)
     return final
+
+
+def _non_finite(tree: Any, prefix: str = "") -> list[str]:
+    """The names of the floating-point tensors in a nested dict/list ``tree`` that hold NaN or infinity."""
+    if isinstance(tree, torch.Tensor):
+        return [prefix] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [name for key, value in items for name in _non_finite(value, f"{prefix}/{key}" if prefix else str(key))]
 
 
 def _shard_rows(table: TableStorage, shard_rank: int) -> list[int]:
@@ -220,6 +247,7 @@ def _dense_tree(
     optimizers: dict[str, torch.optim.Optimizer | RowOptimizer],
     train_config: TrainConfig,
     run_info: dict[str, Any] | None,
+    trainer_state: dict[str, Any] | None,
 ) -> dict[str, Any]:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -238,6 +266,7 @@ def _dense_tree(
             "train_config": train_config.to_dict(),
             "run_info": run_info or {},
             "storage": model.storage.to_dict(),
+            "trainer": trainer_state or {},
         },
         "model": {key: value for key, value in model.state_dict().items() if key not in in_shards},
         "optimizers": states,
@@ -280,23 +309,46 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _complete(path: Path) -> bool:
-    """A readable manifest, a complete dense state and every shard file at its recorded size (not hashed)."""
+def checkpoint_damage(path: str | Path) -> str | None:
+    """What is wrong with checkpoint ``path`` at a glance (manifest, dense state, shard sizes), or None.
+
+    Shard files are checked for presence and size only; their SHA-256 is checked when they are loaded.
+    """
+    path = Path(path)
     try:
         manifest = read_manifest(path)
-        sizes_match = all((path / s["file"]).stat().st_size == s["bytes"] for s in manifest["shards"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return sizes_match and checkpoint_complete(path / DENSE)
+        for shard in manifest["shards"]:
+            size = (path / shard["file"]).stat().st_size
+            if size != shard["bytes"]:
+                return f"{shard['file']} has {size} bytes, {MANIFEST} records {shard['bytes']}"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return str(e)
+    if not checkpoint_complete(path / DENSE):
+        return f"its dense state ({DENSE}/) is missing, cut short or changed"
+    return None
+
+
+def step_folders(directory: str | Path) -> list[Path]:
+    """The ``step_*`` checkpoint folders in ``directory``, newest first, complete or not."""
+    return [path for _, path in reversed(_checkpoints(Path(directory)))]
 
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The complete checkpoint with the highest step in ``directory``; damaged ones are skipped with a warning."""
-    for _, path in reversed(_checkpoints(Path(directory))):
-        if _complete(path):
+    for path in step_folders(directory):
+        damage = checkpoint_damage(path)
+        if damage is None:
             return path
-        warnings.warn(f"skipping the damaged or incomplete checkpoint {path}", stacklevel=2)
+        warnings.warn(f"skipping the damaged or incomplete checkpoint {path}: {damage}", stacklevel=2)
     return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint folder so that it is never loaded, pruned or overwritten; returns the new path."""
+    aside = path.with_name(f"{path.name}.damaged-{secrets.token_hex(3)}")
+    os.replace(path, aside)
+    fsync_dir(path.parent)
+    return aside
 
 
 class ShardReader:
@@ -330,6 +382,20 @@ class ShardReader:
         self._verified.add(shard["file"])
         return file
 
+    def verify(self, ranges: dict[int, tuple[int, int]]) -> None:
+        """Check (presence, size, SHA-256) every shard file holding rows of ``ranges`` (layer -> [start, end)).
+
+        Raises:
+            FileNotFoundError, ValueError: as the first read of a damaged shard would.
+        """
+        for shard in self.manifest["shards"]:
+            if any(
+                shard["rows"][str(layer)][0] < end and start < shard["rows"][str(layer)][1]
+                for layer, (start, end) in ranges.items()
+                if str(layer) in shard["rows"]
+            ):
+                self._open(shard)
+
     def iter_rows(self, layer: int, name: str, start: int, end: int) -> Iterator[tuple[int, torch.Tensor]]:
         """Rows [start, end) of array ``name`` of table ``layer``, in chunks ``(offset from start, values)``."""
         entry = self.manifest["tables"][str(layer)]
@@ -361,10 +427,27 @@ class ShardReader:
         return torch.cat([values for _, values in self.iter_rows(layer, name, start, end)])
 
 
-def _load_tables(path: Path, manifest: dict[str, Any], model: EngramLM, with_state: bool) -> None:
+def _load_tables(reader: ShardReader, model: EngramLM, with_state: bool) -> None:
     """Fill every table (and, ``with_state``, its row optimizer state) with this process's rows."""
-    reader = ShardReader(path, manifest)
-    step = int(manifest["step"])
+    step = int(reader.manifest["step"])
+    for layer, table in _tables(model).items():
+        target = table.optimizer_target()
+        if target.persists_itself:
+            table.restore_checkpoint(step)
+            continue
+        start, end = _row_range(table)
+        for first, values in reader.iter_rows(layer, "weight", start, end):
+            target.write_rows(torch.arange(first, first + len(values)), values)
+        if not with_state:
+            continue
+        for name, state in target.row_states().items():
+            for first, values in reader.iter_rows(layer, name, start, end):
+                rows = torch.arange(first, first + len(values), device=state.device)
+                target.write_state(name, rows, values.to(state.device))
+
+
+def _check_tables_fit(path: Path, manifest: dict[str, Any], model: EngramLM, with_state: bool) -> None:
+    """Refuse a checkpoint whose tables (shapes, optimizer state, sharding of disk tables) do not fit ``model``."""
     for layer, table in _tables(model).items():
         entry = manifest["tables"].get(str(layer))
         if entry is None or (entry["num_rows"], entry["dim"]) != (table.num_rows, table.dim):
@@ -378,23 +461,13 @@ def _load_tables(path: Path, manifest: dict[str, Any], model: EngramLM, with_sta
                     f"this job has {world_size()}: resume with {manifest['world_size']} ranks (disk shards are not "
                     "re-sharded; tables in the device or host tier are)"
                 )
-            table.restore_checkpoint(step)
-            continue
-        start, end = _row_range(table)
-        for first, values in reader.iter_rows(layer, "weight", start, end):
-            target.write_rows(torch.arange(first, first + len(values)), values)
-        if not with_state:
             continue
         allocated = target.row_states()
-        if set(allocated) != set(entry["states"]):
+        if with_state and set(allocated) != set(entry["states"]):
             raise ValueError(
                 f"checkpoint {path} holds table optimizer state {sorted(entry['states'])} for layer {layer}, "
                 f"this run's table optimizer keeps {sorted(allocated)}"
             )
-        for name, state in allocated.items():
-            for first, values in reader.iter_rows(layer, name, start, end):
-                rows = torch.arange(first, first + len(values), device=state.device)
-                target.write_state(name, rows, values.to(state.device))
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -413,21 +486,61 @@ def load_checkpoint(
     model: EngramLM,
     optimizers: dict[str, torch.optim.Optimizer | RowOptimizer] | None = None,
     run_info: dict[str, Any] | None = None,
-) -> int:
-    """Restore a checkpoint into ``model`` (and ``optimizers``); returns its step.
+) -> dict[str, Any]:
+    """Restore a checkpoint into ``model`` (and ``optimizers``); returns its ``meta`` (``step``, configs, ...).
 
-    Any world size can load a checkpoint of device or host tables: each process reads its own rows.
+    Every file this process needs is verified (sizes, SHA-256) before anything is changed, so a
+    damaged checkpoint leaves the model as it was. Any world size can load a checkpoint of device
+    or host tables: each process reads its own rows. Collective in a distributed run: the ranks
+    agree whether the checkpoint is usable.
 
     Raises:
+        DamagedCheckpointError: a file of the checkpoint is missing, cut short, changed or unreadable
+            (on every rank, when any rank found damage).
         ValueError: the checkpoint was written for a different model config, different run facts
-            (e.g. another tokenizer), or different optimizers (the message lists the differences);
-            or a table shard is damaged or from another checkpoint.
-        FileNotFoundError: a file of the checkpoint, such as a table shard, is missing.
+            (e.g. another tokenizer), different optimizers or another table tier (the message lists the
+            differences).
     """
     path = Path(path)
-    manifest = read_manifest(path)
     device = next(model.parameters()).device
-    tree = load_state(path / DENSE, map_location=device)
+    damage = None
+    try:
+        manifest = read_manifest(path)
+        tree = load_state(path / DENSE, map_location=device)
+    except (OSError, ValueError) as e:
+        damage = str(e)
+    if damage is None:
+        _check_fits(path, tree, manifest, model, optimizers, run_info)
+        reader = ShardReader(path, manifest)
+        try:
+            reader.verify({layer: _row_range(table) for layer, table in _tables(model).items()})
+        except (OSError, ValueError) as e:
+            damage = str(e)
+    if not all_ranks_agree(damage is None):
+        raise DamagedCheckpointError(path, damage or "another rank found a damaged table shard")
+
+    _load_tables(reader, model, with_state=optimizers is not None)
+    missing, unexpected = model.load_state_dict(tree["model"], strict=False)
+    missing = set(missing) - _table_state_keys(model)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)}, extra {unexpected}")
+    for name, optimizer in (optimizers or {}).items():
+        optimizer.load_state_dict(tree["optimizers"][name])
+    torch.set_rng_state(tree["rng"]["torch"].cpu())
+    if "cuda" in tree["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in tree["rng"]["cuda"]])
+    return tree["meta"]
+
+
+def _check_fits(
+    path: Path,
+    tree: dict[str, Any],
+    manifest: dict[str, Any],
+    model: EngramLM,
+    optimizers: dict[str, torch.optim.Optimizer | RowOptimizer] | None,
+    run_info: dict[str, Any] | None,
+) -> None:
+    """Refuse, before anything is loaded, a checkpoint of another model, run, tier or set of optimizers."""
     meta = tree["meta"]
     diffs = _differences(meta["model_config"], model.config.to_dict())
     if diffs:
@@ -447,14 +560,4 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {path} holds optimizers {sorted(tree['optimizers'])}, this run has {sorted(optimizers)}"
         )
-    _load_tables(path, manifest, model, with_state=optimizers is not None)
-    missing, unexpected = model.load_state_dict(tree["model"], strict=False)
-    missing = set(missing) - _table_state_keys(model)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing {sorted(missing)}, extra {unexpected}")
-    for name, optimizer in (optimizers or {}).items():
-        optimizer.load_state_dict(tree["optimizers"][name])
-    torch.set_rng_state(tree["rng"]["torch"].cpu())
-    if "cuda" in tree["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([state.cpu() for state in tree["rng"]["cuda"]])
-    return int(meta["step"])
+    _check_tables_fit(path, manifest, model, with_state=optimizers is not None)

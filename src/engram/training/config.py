@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from engram._json_config import JsonConfig
+from engram._json_config import JsonConfig, require
 
 
 @dataclass
@@ -39,6 +39,10 @@ class TrainConfig(JsonConfig):
         dist_timeout_s: runs on several processes (``torchrun``): how long a rank waits for the
             others in a collective before it fails with an error (a rank died or hangs). Must
             cover the slowest checkpoint write.
+        nonfinite: what a step with a non-finite loss or gradient does: ``"stop"`` (default: no
+            update is applied, the last good state is checkpointed and training ends with an
+            error) or ``"skip"`` (the step's update is dropped, counted and logged; training goes on).
+        max_skipped_steps: with ``nonfinite="skip"``, stop anyway after this many skipped steps in a row.
     """
 
     steps: int = 1000
@@ -61,31 +65,26 @@ class TrainConfig(JsonConfig):
     eval_every: int = 200
     eval_batches: int = 20
     checkpoint_every: int = 500
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0
     dist_timeout_s: float = 600.0
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 20
 
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        self.table_betas = tuple(self.table_betas)
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.table_lr_mult <= 0:
-            raise ValueError("lr and table_lr_mult must be > 0")
-        if self.optimizer not in ("adamw", "muon"):
-            raise ValueError(f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        if self.table_optimizer not in ("adam", "adagrad"):
-            raise ValueError(f"table_optimizer must be 'adam' or 'adagrad', got {self.table_optimizer!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule must be 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if not self.dist_timeout_s > 0:
-            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "max_skipped_steps"):
+            require(self, name, ge=1)
         for name in ("warmup_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            require(self, name, ge=0)
+        require(self, "lr", gt=0)
+        require(self, "table_lr_mult", gt=0)
+        for name in ("betas", "table_betas"):
+            require(self, name, ge=0, lt=1)
+        for name in ("weight_decay", "table_weight_decay", "grad_clip"):
+            require(self, name, ge=0)
+        require(self, "min_lr_ratio", ge=0, le=1)
+        require(self, "seed", ge=0, le=2**32 - 1)  # numpy's global seed (seed_everything) takes 32 bits
+        require(self, "dist_timeout_s", gt=0)
 
 
 def lr_factor(config: TrainConfig, step: int) -> float:

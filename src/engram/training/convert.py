@@ -21,7 +21,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from engram._files import swap_into_place
+from engram._files import FolderLock, swap_into_place
 from engram.storage.config import LAYER_FOLDER, StorageConfig
 from engram.storage.disk import DiskTable
 from engram.training.checkpoint import (
@@ -46,8 +46,15 @@ def convert_run_tables(run_dir: str | Path, target: StorageConfig) -> Path:
         FileNotFoundError: ``run_dir`` is not a run or has no complete checkpoint.
         FileExistsError: the disk folder already holds tables.
         ValueError: the run has no Engram tables, or its disk tables are sharded over several ranks.
+        FolderInUseError: another process (a training run) is working on ``run_dir``.
     """
     run_dir = Path(run_dir)
+    read_run(run_dir)  # a run, with a checkpoint: refused before the lock file is created
+    with FolderLock(run_dir, "engram tables convert"):
+        return _convert(run_dir, target)
+
+
+def _convert(run_dir: Path, target: StorageConfig) -> Path:
     spec, checkpoint = read_run(run_dir)
     if spec.model.engram is None:
         raise ValueError(f"the model of {run_dir} has no Engram tables")

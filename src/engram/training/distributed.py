@@ -64,13 +64,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
-    """The mean of ``value`` over the ranks (the value itself on a single process)."""
-    if world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor) / world_size()
+def sum_over_ranks(values: torch.Tensor) -> list[float]:
+    """The element-wise sum of the 1-D ``values`` over the ranks, read to the host in one transfer.
+
+    One small all-reduce carries everything the ranks must agree on after a step (the loss, whether
+    every value was finite, whether a stop was asked for), so they all take the same decision.
+    """
+    values = values.detach().to(torch.float64)
+    if world_size() > 1:
+        values = values.to(_collective_device())
+        dist.all_reduce(values)
+    return values.tolist()
 
 
 def sum_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,11 +84,25 @@ def sum_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _collective_device() -> torch.device:
+    """Where tensors for the process group's collectives live (NCCL reduces GPU tensors only)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (``ok`` itself on a single process)."""
+    if world_size() == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def gather_bytes(payload: bytes) -> list[bytes]:
     """Every rank's ``payload``, in rank order (``[payload]`` on a single process). Plain bytes, no pickle."""
     if world_size() == 1:
         return [payload]
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = _collective_device()
     length = torch.tensor([len(payload)], device=device)
     lengths = [torch.empty_like(length) for _ in range(world_size())]
     dist.all_gather(lengths, length)

@@ -19,12 +19,22 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record; a last line cut short by a crash is left out, damage elsewhere raises ``ValueError``."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                if number == len(lines):
+                    break
+                raise ValueError(f"{self.path}, line {number}: not a JSON record ({e})") from e
+        return records
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (a resumed run rewrites them)."""
+        """Drop records past ``step`` (a resumed run rewrites them), atomically."""
         kept = [r for r in self.read() if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -56,13 +56,22 @@ class RowOptimizer(ABC):
             table.zero_row_grad()
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Update the looked-up rows of every table that received a gradient."""
+    def take_grads(self) -> list[tuple[TableStorage, torch.Tensor, torch.Tensor]]:
+        """``(table, rows (U,), grad (U, D))`` of every table that received a gradient, clearing them.
+
+        Lets a trainer look at the gradients (are they finite?) before anything is updated.
+        """
+        taken = []
         for table in self.tables:
-            taken = table.take_row_grad()  # collective for a sharded table: every rank calls it
-            if taken is None or taken[0].numel() == 0:
-                continue
-            rows, grad = taken
+            rows_grad = table.take_row_grad()  # collective for a sharded table: every rank calls it
+            if rows_grad is not None and rows_grad[0].numel() > 0:
+                taken.append((table, *rows_grad))
+        return taken
+
+    @torch.no_grad()
+    def step(self, grads: list[tuple[TableStorage, torch.Tensor, torch.Tensor]] | None = None) -> None:
+        """Update the looked-up rows of every table that received a gradient (``grads``: from ``take_grads``)."""
+        for table, rows, grad in self.take_grads() if grads is None else grads:
             target = table.optimizer_target()
             target.begin_update(rows)
             self._update(target, rows, grad)

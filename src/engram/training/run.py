@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engram._files import FolderInUseError, FolderLock
 from engram._json_config import JsonConfig
 from engram.data import TokenDataset
 from engram.eval.evaluate import token_byte_lengths
@@ -24,9 +27,11 @@ from engram.hashing.indexer import EngramIndexer
 from engram.model.config import ModelConfig
 from engram.model.lm import EngramLM
 from engram.storage.config import StorageConfig
-from engram.training.checkpoint import latest_checkpoint, load_checkpoint
+from engram.storage.disk import WEIGHT_FILE
+from engram.storage.table_file import TableFile
+from engram.training.checkpoint import latest_checkpoint, load_checkpoint, step_folders
 from engram.training.config import TrainConfig
-from engram.training.distributed import barrier, init_distributed, rank
+from engram.training.distributed import all_ranks_agree, barrier, init_distributed, rank
 from engram.training.trainer import Trainer, resolve_device, seed_everything
 
 SPEC_FILE = "run.json"
@@ -37,7 +42,9 @@ class RunSpec(JsonConfig):
     """What a run trains, on what, with which tokenizer (``None``: DeepSeek-V3), and where its tables live.
 
     ``storage`` is a deployment choice, not part of the model: a run's tables can change tier
-    (``engram tables convert``) without changing the run.
+    (``engram tables convert``) without changing the run. ``model``, ``train`` and ``storage`` may be
+    given as dicts; an error in one names its key path (``train.steps: ...``), and ``RunSpec.load(path)``
+    also names the file.
     """
 
     model: ModelConfig
@@ -45,14 +52,6 @@ class RunSpec(JsonConfig):
     data: str
     tokenizer: str | None = None
     storage: StorageConfig = dataclasses.field(default_factory=StorageConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
-        if isinstance(self.train, dict):
-            self.train = TrainConfig.from_dict(self.train)
-        if isinstance(self.storage, dict):
-            self.storage = StorageConfig.from_dict(self.storage)
 
     def storage_for(self, run_dir: str | Path) -> StorageConfig:
         """The storage config with the disk tier's folder resolved (default ``<run>/tables``)."""
@@ -108,41 +107,124 @@ def _open(spec: RunSpec) -> tuple[CompressedTokenizer, TokenDataset]:
 
 
 def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trainer:
-    """Build the trainer of a run, resuming from its newest checkpoint if there is one.
+    """Build the trainer of a run, resuming from its newest usable checkpoint if there is one.
+
+    Everything that can refuse the command is checked before the run folder changes: the spec
+    against the one the folder holds, the table tier against its checkpoints, the data and
+    tokenizer, and the checkpoint resumed from; a refused command leaves the folder as it was (a
+    folder it created is removed again). The trainer holds the folder's lock (``trainer.lock``): a
+    second process that starts on the same folder is refused until this one exits.
+
+    A disk-tier run that stopped before its first checkpoint starts over: the table files its
+    earlier attempt trained in ``<run>/tables`` hold nothing saved and are rebuilt.
 
     Under ``torchrun`` every rank calls this: it joins the process group first, so the model's
     Engram tables are sharded over the ranks (see ``engram.training.distributed``).
 
     Raises:
-        ValueError: ``run_dir`` already holds a different spec (a different model, data or tokenizer).
+        ValueError: ``run_dir`` holds a different run (model, data or tokenizer) or keeps its tables
+            in another tier, or a checkpoint does not fit.
+        NoUsableCheckpointError: the run has checkpoints and every one is damaged.
+        FolderInUseError: another process is working on ``run_dir``.
     """
     run_dir = Path(run_dir)
-    spec_path = run_dir / SPEC_FILE
-    if spec_path.is_file():
-        saved = RunSpec.from_json(spec_path.read_text())
-        if saved.model != spec.model or saved.data != spec.data or saved.tokenizer != spec.tokenizer:
-            raise ValueError(f"{run_dir} holds another run (see {spec_path}); choose a new --out folder")
+    saved = read_spec(run_dir) if (run_dir / SPEC_FILE).is_file() else None
+    if saved is not None:
+        _check_same_run(run_dir, saved, spec)
     init_distributed(spec.train.dist_timeout_s)  # under torchrun: before the model, whose tables it shards
+    tokenizer, dataset = _open(spec)
+    created = not run_dir.exists()
+    lock = lock_run(run_dir, "engram train")
+    try:
+        if rank() == 0:
+            _forget_unsaved_tables(run_dir, spec)
+        barrier()
+        seed_everything(spec.train.seed)
+        model = build_model(spec.model, tokenizer, dataset, spec.storage_for(run_dir))
+        trainer = Trainer(
+            model,
+            spec.train,
+            dataset.tokens("train"),
+            dataset.tokens("val"),
+            out_dir=run_dir,
+            byte_lengths=token_byte_lengths(tokenizer),
+            run_info={"data": dataset.manifest.get("fingerprint", spec.data)},
+            progress=progress,
+        )
+        if not trainer.resume():
+            for table in model.engram_tables():  # a custom storage.directory may hold another run's tables
+                table.check_untrained()
+        if rank() == 0:
+            write_spec(run_dir, spec)
+        barrier()
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if created and rank() == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    trainer.lock = lock
+    return trainer
+
+
+def _check_same_run(run_dir: Path, saved: RunSpec, spec: RunSpec) -> None:
+    """Refuse a spec that would train another run in ``run_dir``, or move its tables without converting them."""
+    if saved.model != spec.model or saved.data != spec.data or saved.tokenizer != spec.tokenizer:
+        raise ValueError(f"{run_dir} holds another run (see {run_dir / SPEC_FILE}); choose a new --out folder")
+    if not step_folders(run_dir / "checkpoints"):
+        return  # nothing saved yet: the tables may start anywhere
+    before, after = saved.storage_for(run_dir), spec.storage_for(run_dir)
+    folders = [None if side.directory is None else Path(side.directory).resolve() for side in (before, after)]
+    if before.tier != after.tier or folders[0] != folders[1]:
+        where = f"{before.tier!r} tier" + (f" at {before.directory}" if before.tier == "disk" else "")
+        raise ValueError(
+            f"{run_dir} keeps its Engram tables in the {where}; a training command cannot move them. Move them with "
+            f"`engram tables convert {run_dir} --to {after.tier}`, then train without storage.tier/directory"
+        )
+
+
+def _forget_unsaved_tables(run_dir: Path, spec: RunSpec) -> None:
+    """Delete disk tables in ``<run>/tables`` that an earlier attempt trained but never checkpointed.
+
+    Such tables hold no saved state (the run has no checkpoint), so the run starts over with fresh
+    ones. Tables outside the run folder, or of a run with checkpoints, are never touched here.
+    """
+    storage = spec.storage_for(run_dir)
+    if storage.tier != "disk" or step_folders(run_dir / "checkpoints"):
+        return
+    tables = Path(storage.directory)
+    if tables.resolve().parent != run_dir.resolve() or not tables.is_dir():
+        return
+    weights = list(tables.rglob(WEIGHT_FILE))
+    for path in weights:
+        with TableFile.open(path) as table:
+            if table.metadata.get("committed_step") is not None:
+                return  # a checkpointed table whose checkpoints are gone: check_untrained explains
+    if weights:
+        warnings.warn(
+            f"{tables} holds tables that an earlier attempt trained but never checkpointed; starting them over",
+            stacklevel=3,
+        )
+    shutil.rmtree(tables)
+
+
+def lock_run(run_dir: str | Path, purpose: str) -> FolderLock | None:
+    """Create ``run_dir`` if needed and take its lock (rank 0 of a distributed job; None on other ranks).
+
+    Raises:
+        FolderInUseError: another process holds the lock (on every rank of a distributed job).
+    """
+    run_dir = Path(run_dir)
+    lock, refusal = None, ""
     if rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_spec(run_dir, spec)
-    barrier()
-
-    tokenizer, dataset = _open(spec)
-    seed_everything(spec.train.seed)
-    model = build_model(spec.model, tokenizer, dataset, spec.storage_for(run_dir))
-    trainer = Trainer(
-        model,
-        spec.train,
-        dataset.tokens("train"),
-        dataset.tokens("val"),
-        out_dir=run_dir,
-        byte_lengths=token_byte_lengths(tokenizer),
-        run_info={"data": dataset.manifest.get("fingerprint", spec.data)},
-        progress=progress,
-    )
-    trainer.resume()
-    return trainer
+        try:
+            lock = FolderLock(run_dir, purpose).acquire()
+        except FolderInUseError as error:
+            refusal = str(error)
+    if not all_ranks_agree(not refusal):
+        raise FolderInUseError(refusal or f"{run_dir} is in use by another process (rank 0 could not lock it)")
+    return lock
 
 
 def read_run(run_dir: str | Path) -> tuple[RunSpec, Path]:
@@ -158,7 +240,12 @@ def read_run(run_dir: str | Path) -> tuple[RunSpec, Path]:
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint yet")
-    return RunSpec.from_json(spec_path.read_text()), checkpoint
+    return read_spec(run_dir), checkpoint
+
+
+def read_spec(run_dir: str | Path) -> RunSpec:
+    """The spec in ``run_dir/run.json``; errors name the file."""
+    return RunSpec.load(Path(run_dir) / SPEC_FILE)
 
 
 def write_spec(run_dir: str | Path, spec: RunSpec) -> None:
@@ -170,10 +257,22 @@ def write_spec(run_dir: str | Path, spec: RunSpec) -> None:
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[EngramLM, RunSpec, CompressedTokenizer, TokenDataset]:
-    """The trained model of a run (newest checkpoint), in eval mode, with its spec, tokenizer and data."""
+    """The trained model of a run (newest checkpoint), in eval mode, with its spec, tokenizer and data.
+
+    Disk tables are brought back to that checkpoint in place (a rollback writes them), so for a run
+    whose tables are on disk the model holds the run folder's lock as ``model.run_lock`` for as
+    long as it lives (``model.run_lock.release()`` lets it go): a run being trained is refused.
+    """
     run_dir = Path(run_dir)
     spec, checkpoint = read_run(run_dir)
     tokenizer, dataset = _open(spec)
-    model = build_model(spec.model, tokenizer, dataset, spec.storage_for(run_dir)).to(resolve_device(device))
-    load_checkpoint(checkpoint, model)
+    lock = FolderLock(run_dir, "a process reading its disk tables").acquire() if spec.storage.tier == "disk" else None
+    try:
+        model = build_model(spec.model, tokenizer, dataset, spec.storage_for(run_dir)).to(resolve_device(device))
+        load_checkpoint(checkpoint, model)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    model.run_lock = lock
     return model.eval(), spec, tokenizer, dataset

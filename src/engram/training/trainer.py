@@ -11,8 +11,13 @@ the losses of an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,13 +27,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from engram._files import FolderLock
 from engram.data.batches import RandomWindows
 from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.lm import EngramLM
+from engram.storage.disk import TableStateError
 from engram.storage.sharded import ShardedTable
-from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engram.training.checkpoint import (
+    checkpoint_damage,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside,
+    step_folders,
+)
 from engram.training.config import TrainConfig, lr_factor
-from engram.training.distributed import mean_over_ranks, rank, sum_over_ranks_, world_size, wrap_dense_ddp
+from engram.training.distributed import rank, sum_over_ranks, sum_over_ranks_, world_size, wrap_dense_ddp
+from engram.training.errors import DamagedCheckpointError, NonFiniteError, NoUsableCheckpointError, TrainingInterrupted
 from engram.training.metrics import MetricsLog, plot_losses
 from engram.training.row_optim import RowAdagrad, RowAdam, RowOptimizer
 
@@ -161,6 +176,12 @@ class Trainer:
         tables = {id(p) for p in table_parameters(model)}
         self.dense_params = [p for p in model.parameters() if id(p) not in tables]
         self.step = 0
+        self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient (nonfinite="skip")
+        self._skipped_in_a_row = 0
+        self._stop_signal: int | None = None  # set by SIGINT/SIGTERM: save and stop after this step
+        self._stopping = False  # every rank agreed to stop after this step
+        self.last_checkpoint: Path | None = None  # the newest checkpoint saved or resumed from
+        self.lock: FolderLock | None = None  # the run folder's lock, when start_run took it
         self._exchange_seconds_logged = 0.0
         self.out_dir = Path(out_dir) if out_dir is not None else None
         keeps_metrics = self.out_dir is not None and self.rank == 0
@@ -187,7 +208,13 @@ class Trainer:
         return inputs[mine].to(self.device), targets[mine].to(self.device)
 
     def train_step(self) -> float:
-        """One optimizer step on batch ``self.step``; returns the language-model loss (mean over the ranks)."""
+        """One optimizer step on batch ``self.step``; returns the language-model loss (mean over the ranks).
+
+        The step is applied only if the loss and every gradient (dense and table rows) are finite on
+        every rank. Otherwise nothing changes: with ``config.nonfinite == "skip"`` the step is counted
+        in ``skipped_steps`` and NaN is returned; with ``"stop"`` (or after ``max_skipped_steps``
+        skips in a row) ``NonFiniteError`` is raised.
+        """
         self.model.train()
         inputs, targets = self._rank_batch()
         with self._autocast():
@@ -196,19 +223,79 @@ class Trainer:
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.grad_clip)
+        grad_norm = self._dense_grad_norm()
+        tables = self.optimizers.get("tables")
+        row_grads = tables.take_grads() if tables is not None else []
+        rows_finite = [torch.isfinite(grad).all() for _, _, grad in row_grads]
+        # One transfer to the host per step: the loss, which values were finite, whether a stop was asked for.
+        device = out.loss.device
+        status = torch.stack(
+            [
+                out.loss.detach().double(),
+                torch.isfinite(loss.detach()).double(),
+                torch.isfinite(grad_norm).double().to(device),
+                torch.stack(rows_finite).all().double().to(device) if rows_finite else torch.ones((), device=device),
+                torch.tensor(float(self._stop_signal is not None), device=device),
+            ]
+        )
+        loss_sum, loss_ok, dense_ok, rows_ok, stops = sum_over_ranks(status)
+        self._stopping = stops > 0
+        checks = {"loss": loss_ok, "dense gradient": dense_ok, "table row gradient": rows_ok}
+        if any(ok < self.world for ok in checks.values()):
+            return self._drop_step(" and ".join(name for name, ok in checks.items() if ok < self.world))
+        self._skipped_in_a_row = 0
         self._set_lr()
-        for optimizer in self.optimizers.values():
-            optimizer.step()
+        for name, optimizer in self.optimizers.items():
+            if name == "tables":
+                optimizer.step(row_grads)
+            else:
+                optimizer.step()
         for moe in self.model.moe_layers():  # every rank moves its selection bias by the whole batch's loads
             sum_over_ranks_(moe.load)
         self.model.update_router_biases()
         self.step += 1
-        return mean_over_ranks(out.loss.item(), self.device)
+        return loss_sum / self.world
+
+    def _dense_grad_norm(self) -> torch.Tensor:
+        """The global norm of the dense gradients, clipped to ``grad_clip`` when that is > 0."""
+        if self.config.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.dense_params, self.config.grad_clip)
+        norms = [torch.linalg.vector_norm(p.grad) for p in self.dense_params if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+    def _drop_step(self, what: str) -> float:
+        """Discard the gradients of a step whose ``what`` was not finite; skip it, or raise ``NonFiniteError``."""
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        for moe in self.model.moe_layers():
+            moe.load.zero_()
+        self._skipped_in_a_row += 1
+        if self.config.nonfinite == "stop" or self._skipped_in_a_row >= self.config.max_skipped_steps:
+            why = (
+                f"the {what} of step {self.step + 1} is NaN or infinite"
+                if self.config.nonfinite == "stop"
+                else f"{self._skipped_in_a_row} steps in a row (the last: step {self.step + 1}) had a non-finite "
+                f"{what} (train.max_skipped_steps={self.config.max_skipped_steps})"
+            )
+            raise NonFiniteError(
+                f"{why}; no update of that step was applied. Lower train.lr or raise train.warmup_steps, check the "
+                "data, or set train.nonfinite=skip to drop such steps"
+            )
+        self.step += 1
+        self.skipped_steps += 1
+        self._log({"step": self.step, "skipped": f"non-finite {what}", "skipped_steps": self.skipped_steps})
+        return float("nan")
 
     def train(self, until: int | None = None) -> list[float]:
-        """Train from the current step up to ``until`` (default: ``config.steps``); returns the step losses."""
+        """Train from the current step up to ``until`` (default: ``config.steps``); returns the step losses
+        (NaN for a skipped step).
+
+        With an ``out_dir``, training always ends with a checkpoint of its last completed step
+        (``last_checkpoint``), also when it stops early: on SIGINT or SIGTERM (Ctrl-C) the current step
+        finishes, a checkpoint is written and ``TrainingInterrupted`` is raised (a second signal stops at
+        once); on a non-finite loss or gradient the last good state is saved and ``NonFiniteError``
+        raised.
+        """
         until = self.config.steps if until is None else min(until, self.config.steps)
         if self.step == 0:  # a disk table trained by an earlier, crashed attempt must not be reused silently
             for table in self.model.engram_tables():
@@ -223,34 +310,83 @@ class Trainer:
             dynamic_ncols=True,
         )
         window_start, window_steps = time.perf_counter(), 0
-        with bar, self._explain_failed_collectives():
-            while self.step < until:
-                loss = self.train_step()
-                losses.append(loss)
-                window_steps += 1
-                bar.update(1)
-                elapsed = time.perf_counter() - window_start
-                speed = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}")
-                if self._due(self.config.log_every) or self.step == until:
-                    self._log(
-                        {
-                            "step": self.step,
-                            "loss": loss,
-                            "lr": self.config.lr * lr_factor(self.config, self.step - 1),
-                            "tokens_per_s": speed,
-                            **self._cache_hit_rates(),
-                            **self._table_exchange_share(elapsed),
-                        }
-                    )
-                    window_start, window_steps = time.perf_counter(), 0
-                if self._due(self.config.eval_every) and self.val_tokens is not None:
-                    self._log({"step": self.step, **self.evaluate()})
-                if self._due(self.config.checkpoint_every) and self.out_dir is not None:
-                    self.save()
-        if self.out_dir is not None and self.metrics is not None:
-            plot_losses(self.metrics.read(), self.out_dir / "loss.png")
+        try:
+            with bar, self._explain_failed_collectives(), self._stop_on_signals():
+                try:
+                    while self.step < until and not self._stopping:
+                        loss = self.train_step()
+                        losses.append(loss)
+                        window_steps += 1
+                        bar.update(1)
+                        elapsed = time.perf_counter() - window_start
+                        speed = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}")
+                        if math.isnan(loss):
+                            continue  # a skipped step: logged as such by train_step
+                        if self._due(self.config.log_every) or self.step == until:
+                            self._log(
+                                {
+                                    "step": self.step,
+                                    "loss": loss,
+                                    "lr": self.config.lr * lr_factor(self.config, self.step - 1),
+                                    "tokens_per_s": speed,
+                                    **self._cache_hit_rates(),
+                                    **self._table_exchange_share(elapsed),
+                                }
+                            )
+                            window_start, window_steps = time.perf_counter(), 0
+                        if self._stopping:
+                            break
+                        if self._due(self.config.eval_every) and self.val_tokens is not None:
+                            self._log({"step": self.step, **self.evaluate()})
+                        if self._due(self.config.checkpoint_every) and self.out_dir is not None:
+                            self.save()
+                except NonFiniteError as error:
+                    saved = self._save_last_step()
+                    where = f"the last good state, step {self.step}, is saved in {saved}" if saved else "nothing saved"
+                    raise NonFiniteError(f"{error}; {where}") from None
+                self._save_last_step()
+        finally:
+            if self.metrics is not None:
+                plot_losses(self.metrics.read(), self.out_dir / "loss.png")
+        if self._stopping:
+            raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.step, self.last_checkpoint)
         return losses
+
+    def _save_last_step(self) -> Path | None:
+        """A checkpoint of the current step unless one was saved (or resumed from) already; None without out_dir."""
+        if self.out_dir is None:
+            return None
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{self.step:08d}":
+            self.save()
+        return self.last_checkpoint
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """While training, SIGINT and SIGTERM ask for a stop after the current step (with a checkpoint);
+        a second signal stops at once (``KeyboardInterrupt``). Only the main thread can take signals."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.rank == 0:
+                print(
+                    f"\n{signal.Signals(signum).name}: stopping after step {self.step + 1} with a checkpoint "
+                    "(send it again to stop at once)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     @contextlib.contextmanager
     def _explain_failed_collectives(self) -> Iterator[None]:
@@ -261,6 +397,8 @@ class Trainer:
             return
         try:
             yield
+        except NonFiniteError:  # agreed by every rank: nothing failed to answer
+            raise
         except RuntimeError as error:
             newest = latest_checkpoint(self.out_dir / "checkpoints") if self.out_dir is not None else None
             resume = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
@@ -317,28 +455,84 @@ class Trainer:
             result["val_loss_engram_off"] = off.loss
         return result
 
+    def close(self) -> None:
+        """Let go of the run folder's lock (``start_run`` takes it): another process may train the folder now.
+
+        The trainer stays usable in memory (evaluation, generation)."""
+        if self.lock is not None:
+            self.lock.release()
+
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self) -> Path:
         """Write a checkpoint of the current step under ``out_dir/checkpoints``."""
         if self.out_dir is None:
             raise ValueError("the Trainer has no out_dir to save into")
-        return save_checkpoint(
+        self.last_checkpoint = save_checkpoint(
             self.out_dir / "checkpoints",
             self.step,
             self.model,
             self.optimizers,
             train_config=self.config,
             run_info=self.run_info,
+            trainer_state={"skipped_steps": self.skipped_steps, "skipped_in_a_row": self._skipped_in_a_row},
         )
+        return self.last_checkpoint
 
     def resume(self) -> bool:
-        """Continue from the latest complete checkpoint in ``out_dir``; False if there is none."""
+        """Continue from the newest usable checkpoint in ``out_dir``; False if there is none.
+
+        A damaged checkpoint (a file missing, cut short or changed) is skipped with a warning and
+        renamed ``step_XXXXXXXX.damaged-*``, so that it is never overwritten; metrics past the step
+        resumed from are dropped (a resumed run rewrites them), as are all metrics when the run has no
+        checkpoint at all (an earlier attempt stopped before its first one).
+
+        Raises:
+            NoUsableCheckpointError: the run has checkpoints and none is usable; the message lists what
+                is damaged and how to start over. Nothing was changed.
+            ValueError: a checkpoint belongs to another model, run, tier or optimizer setup.
+        """
         if self.out_dir is None:
             return False
-        path = latest_checkpoint(self.out_dir / "checkpoints")
-        if path is None:
-            return False
-        self.step = load_checkpoint(path, self.model, self.optimizers, run_info=self.run_info)
+        damaged: list[DamagedCheckpointError] = []
+        for path in step_folders(self.out_dir / "checkpoints"):
+            problem = checkpoint_damage(path)
+            if problem is not None:  # found alike by every rank: the files are shared
+                damaged.append(DamagedCheckpointError(path, problem))
+                continue
+            try:
+                meta = load_checkpoint(path, self.model, self.optimizers, run_info=self.run_info)
+            except DamagedCheckpointError as error:
+                damaged.append(error)
+                continue
+            except TableStateError as error:  # disk tables return to their newest checkpoint only
+                if not damaged:
+                    raise
+                extra = f"the disk tables cannot return to {path.name}: {error}"
+                raise self._no_usable_checkpoint(damaged, extra) from None
+            self.step = int(meta["step"])
+            self.skipped_steps = int(meta.get("trainer", {}).get("skipped_steps", 0))
+            self._skipped_in_a_row = int(meta.get("trainer", {}).get("skipped_in_a_row", 0))
+            self.last_checkpoint = path
+            for error in damaged:
+                aside = set_aside(error.path) if self.rank == 0 else error.path
+                warnings.warn(
+                    f"{error}; resuming from {path.name} instead (the damaged one is now {aside})", stacklevel=2
+                )
+            if self.metrics is not None:
+                self.metrics.truncate_after(self.step)
+            return True
+        if damaged:
+            raise self._no_usable_checkpoint(damaged)
         if self.metrics is not None:
-            self.metrics.truncate_after(self.step)
-        return True
+            self.metrics.truncate_after(0)
+        return False
+
+    def _no_usable_checkpoint(self, damaged: list[DamagedCheckpointError], extra: str = "") -> NoUsableCheckpointError:
+        listing = "".join(f"\n  {error.path.name}: {error.reason}" for error in damaged)
+        run = self.out_dir
+        return NoUsableCheckpointError(
+            f"no checkpoint of {run} is usable:{listing}"
+            + (f"\n  {extra}" if extra else "")
+            + f"\nNothing was changed. To start this run over deliberately, move {run} away (or train into "
+            "another --out folder); to keep it, restore the damaged files from a copy.",
+        )
