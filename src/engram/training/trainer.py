@@ -297,6 +297,7 @@ class Trainer:
         raised.
         """
         until = self.config.steps if until is None else min(until, self.config.steps)
+        self._stop_signal, self._stopping = None, False
         if self.step == 0:  # a disk table trained by an earlier, crashed attempt must not be reused silently
             for table in self.model.engram_tables():
                 table.check_untrained()
@@ -321,9 +322,8 @@ class Trainer:
                         elapsed = time.perf_counter() - window_start
                         speed = tokens_per_step * window_steps / max(elapsed, 1e-9)
                         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}")
-                        if math.isnan(loss):
-                            continue  # a skipped step: logged as such by train_step
-                        if self._due(self.config.log_every) or self.step == until:
+                        skipped = math.isnan(loss)  # logged as such by train_step
+                        if not skipped and (self._due(self.config.log_every) or self.step == until):
                             self._log(
                                 {
                                     "step": self.step,
