@@ -13,7 +13,10 @@ cache lines that another one's step just touched:
   computes (on), or when layer 1 asks for them (off).
 - ``disk warm``, prefetch on / off: memory-mapped files whose pages are in the page cache (written
   and flushed before timing), with the default 64 MiB write-back buffer per table; and, prefetch on,
-  with no write buffer (``write_buffer_mb=0``: every optimizer update goes to the mapping).
+  with no write buffer (``write_buffer_mb=0``: every optimizer update goes to the files), with the
+  row checksums not verified on read (``verify_rows=False``; they are still written), and with
+  table files of format 1 (made before row checksums existed: nothing written, nothing verified),
+  so that the cost of verifying rows and of the checksums as a whole are measured side by side.
 - ``disk cold``: the table's files (weight and optimizer state) are dropped from the page cache
   before every step (``TableFile.evict_page_cache``, outside the timed region), prefetch on, no
   hot-row cache; and the same with a ``--cache-mb`` hot-row cache per table (its hit rate is
@@ -55,6 +58,9 @@ Run from the repository root::
     python benchmarks/bench_tiers.py             # plain text
     python benchmarks/bench_tiers.py --markdown  # markdown for docs/benchmarks.md
 
+``--verify-gib N`` also times ``verify_tables`` (``engram tables verify``) over a table file of
+N GiB written for it, with its pages in the page cache (just written) and dropped from it.
+
 About 4 minutes on a 2-core machine with the defaults (512 MiB table). Exits 0 whether or not the
 target is met; the output says whether it is.
 """
@@ -84,7 +90,11 @@ from engram.data.batches import RandomWindows
 from engram.model import EngramLM, ModelConfig, MoEConfig
 from engram.storage import DiskTable, OffloadedTable, PendingRows, StorageConfig, TableStorage
 from engram.storage import journal as journal_module
+from engram.storage import table_file as table_file_module
+from engram.storage.config import LAYER_FOLDER
+from engram.storage.disk import verify_tables
 from engram.storage.journal import UndoJournal
+from engram.storage.table_file import DATA_OFFSET, TableFile
 from engram.storage.write_buffer import WriteBuffer
 from engram.training import RowOptimizer, TrainConfig, Trainer, seed_everything
 
@@ -99,12 +109,19 @@ N_HEAD_PER_NGRAM = 4
 MAX_NGRAM = 3
 TARGET = 0.03  # host and warm disk with prefetch on: at most 3% slower than device
 WRITE_BACK = "write buffer: write back to files"  # a breakdown label
+# what "disk-warm-on" (rows verified on read) is compared with, the configurations being otherwise the same
+CHECKSUM_BASELINES = {
+    "disk-warm-unverified": "not verified (checksums still written)",
+    "disk-warm-format1": "no row checksums (format 1 files)",
+}
 CONFIG_KEYS = [
     "host-on",
     "host-off",
     "disk-warm-on",
     "disk-warm-off",
     "disk-warm-unbuffered",
+    "disk-warm-unverified",
+    "disk-warm-format1",
     "disk-cold",
     "disk-cold-cache",
 ]
@@ -152,6 +169,28 @@ def copy_weights(model: EngramLM, reference: EngramLM, chunk_rows: int = 1 << 21
                 rows = torch.arange(start, min(start + chunk_rows, table.num_rows))
                 table.write_rows(rows, source.read_rows(rows))
             table.flush()  # written back now, not by the kernel during the timed steps
+
+
+def write_format_1_tables(directory: Path, reference: EngramLM, table_optimizer: str) -> None:
+    """Zero table files of format 1 (no row checksums) for every table of ``reference`` and its optimizer
+    state, in ``directory``: the disk tier opens them as a table written before row checksums existed."""
+    states = {"sum_sq": ((), torch.float32)} if table_optimizer == "adagrad" else {}
+    for layer, engram in reference.engram_layers().items():
+        table = engram.table
+        folder = directory / LAYER_FOLDER.format(layer)
+        folder.mkdir(parents=True)
+        files = {"weight": (table.dim, torch.float32, {"committed_step": None, "prepared_step": None, "dirty": False})}
+        if table_optimizer == "adam":
+            states = {"exp_avg": ((table.dim,), torch.float32), "exp_avg_sq": ((table.dim,), torch.float32)}
+            states["row_step"] = ((), torch.int64)
+        for name, (shape, dtype) in states.items():
+            files[name] = (int(np.prod(shape)), dtype, {"row_shape": list(shape)})
+        for name, (width, dtype, metadata) in files.items():
+            dtype_name = table_file_module._dtype_name(dtype)
+            header = table_file_module._metadata_json(folder, table.num_rows, width, dtype_name, metadata, None)
+            with open(folder / f"{name}.table", "wb") as f:
+                f.write(table_file_module._slot_bytes(header, 1, 1) + table_file_module._slot_bytes(header, 0, 1))
+                f.truncate(DATA_OFFSET + table.num_rows * width * dtype.itemsize)
 
 
 def table_files(table: TableStorage) -> list:
@@ -218,6 +257,7 @@ class Variant:
     key: str
     storage: StorageConfig
     cold: bool = False
+    format_1: bool = False  # the disk tables' files are of format 1 (no row checksums)
     times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     reads: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     writes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
@@ -244,6 +284,10 @@ def variants(root: Path, cache_mb: float) -> list[Variant]:
         Variant("disk warm, prefetch on", "disk-warm-on", disk("disk-warm-on")),
         Variant("disk warm, prefetch off", "disk-warm-off", disk("disk-warm-off", prefetch=False)),
         Variant("disk warm, no write buffer", "disk-warm-unbuffered", disk("disk-warm-unbuffered", write_buffer_mb=0)),
+        Variant(
+            "disk warm, rows not verified", "disk-warm-unverified", disk("disk-warm-unverified", verify_rows=False)
+        ),
+        Variant("disk warm, no row checksums", "disk-warm-format1", disk("disk-warm-format1"), format_1=True),
         Variant("disk cold, no row cache", "disk-cold", disk("disk-cold"), cold=True),
         Variant(f"disk cold, {cache_mb:g} MiB row cache", "disk-cold-cache", cached, cold=True),
     ]
@@ -272,6 +316,8 @@ class Bench:
     def build(self) -> None:
         for variant in self.variants:
             start = time.perf_counter()
+            if variant.format_1:
+                write_format_1_tables(Path(variant.storage.directory), self.models["device"], self.args.table_optimizer)
             model = build_model(self.config, self.indexer, variant.storage)
             if variant.key != "device":
                 copy_weights(model, self.models["device"])
@@ -441,6 +487,7 @@ class Probe:
             (OffloadedTable, "write_rows", "write_rows"),
             (WriteBuffer, "_write_back_rows", WRITE_BACK),
             (journal_module.os, "fsync", "fsync (any file)"),
+            (table_file_module, "row_checksums", "row checksums (reads and writes)"),
         ]
         saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in targets]
         try:
@@ -526,6 +573,54 @@ def verdict_lines(ratios: dict[str, float], paired: dict[str, float]) -> list[st
     ]
 
 
+def checksum_lines(bench: Bench, workload: str) -> list[str]:
+    """Warm disk with prefetch and rows verified on read, against each configuration of
+    ``CHECKSUM_BASELINES``: a ratio of medians and a median of per-round ratios, from the same rounds."""
+    by_key = {v.key: v for v in bench.variants}
+    if "disk-warm-on" not in by_key:
+        return []
+    on = by_key["disk-warm-on"].times[workload]
+    lines = []
+    for key, what in CHECKSUM_BASELINES.items():
+        if key in by_key:
+            off = by_key[key].times[workload]
+            ratio = statistics.median(on) / statistics.median(off)
+            paired = statistics.median(a / b for a, b in zip(on, off, strict=True))
+            lines.append(
+                f"- rows verified on every read (the default) against {what}: {median_ms(on):.1f} vs "
+                f"{median_ms(off):.1f} ms per step, {ratio:.3f}x by the ratio of medians, {paired:.3f}x paired"
+            )
+    return [f"**Row checksums, warm disk with prefetch, {len(on)} rounds:**", "", *lines, ""] if lines else []
+
+
+def verify_scan_lines(root: Path, gib: float, md: bool) -> list[str]:
+    """``verify_tables`` over a table file of ``gib`` GiB (64-byte rows), cached and not."""
+    folder = root / "verify-scan"
+    folder.mkdir()
+    rows = max(1, int(gib * 2**30) // 64)
+    start = time.perf_counter()
+    TableFile.create(folder / "weight.table", rows, 16, init_std=0.02).close()
+    created = time.perf_counter() - start
+    size = (folder / "weight.table").stat().st_size
+    body = []
+    for cache in ("pages cached (just written)", "pages dropped from the cache"):
+        if cache.startswith("pages dropped"):
+            with TableFile.open(folder / "weight.table") as table:
+                table.evict_page_cache()
+        read0, _ = io_bytes()
+        start = time.perf_counter()
+        (check,) = verify_tables(folder)
+        seconds = time.perf_counter() - start
+        assert check.intact and check.rows_checked == rows
+        read = (io_bytes()[0] - read0) / 2**30
+        body.append([cache, f"{seconds:.2f}", f"{size / 2**30 / seconds:.2f}", f"{read:.2f}"])
+    note = (
+        f"`verify_tables` (what `engram tables verify` runs) over one table file of {rows:,} rows of 16 float32 "
+        f"({size / 2**30:.2f} GiB with its checksums; written in {created:.0f} s), read in 64 MiB chunks."
+    )
+    return [note, "", *format_table(["page cache", "seconds", "GiB/s", "read from disk GiB"], body, md)]
+
+
 BREAKDOWN_ORDER = [
     "whole step",
     "forward",
@@ -539,6 +634,7 @@ BREAKDOWN_ORDER = [
     "fsync (any file)",
     "write_rows",
     WRITE_BACK,
+    "row checksums (reads and writes)",
 ]
 
 
@@ -623,6 +719,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated configurations besides device (default all: " + ", ".join(CONFIG_KEYS) + ")",
     )
     parser.add_argument("--dir", default=None, help="parent of the temporary disk-table folder (default: tmp)")
+    parser.add_argument(
+        "--verify-gib", type=float, default=0, help="time `tables verify` over a table of this many GiB (default 0: no)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     parser.add_argument("--markdown", action="store_true", help="print markdown for docs/benchmarks.md")
     parser.add_argument("--quiet", dest="verbose", action="store_false", help="no progress lines on stderr")
@@ -632,8 +731,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.breakdown < 0 or args.cold_steps < 1:
         parser.error("--warmup and --breakdown must be >= 0, --cold-steps >= 1")
-    if args.table_mb <= 0 or args.cache_mb <= 0:
-        parser.error("--table-mb and --cache-mb must be > 0")
+    if args.table_mb <= 0 or args.cache_mb <= 0 or args.verify_gib < 0:
+        parser.error("--table-mb and --cache-mb must be > 0, --verify-gib >= 0")
     if args.seq_len > 256:
         parser.error("--seq-len must be <= the model's max_seq_len, 256")
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -679,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
                 bench.breakdown("training", bench.train, args.warmup + args.steps)
             sections[workload], ratios[workload], paired[workload] = results_lines(bench, workload, md)
         disk_sizes = {key: folder_mib(root / key) for key in bench.models if key.startswith("disk")}
+        if args.verify_gib:
+            bench.log(f"timing verify_tables over a {args.verify_gib:g} GiB table")
+            scan = verify_scan_lines(root, args.verify_gib, md)
         elapsed = time.perf_counter() - start
 
         config = bench.config
@@ -731,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 *verdict_lines(ratios[workload], paired[workload]),
                 "",
+                *checksum_lines(bench, workload),
             ]
             if args.breakdown:
                 out += [
@@ -741,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
                     *breakdown_lines(bench, workload, md),
                     "",
                 ]
+        if args.verify_gib:
+            out += [heading("Checking whole tables (engram tables verify)"), "", *scan, ""]
         print("\n".join(out).rstrip())
     finally:
         for model in bench.models.values() if bench is not None else []:

@@ -6,8 +6,9 @@ Run on demand, ``-s`` shows the report of each phase::
 
 An Engram model's table in the disk tier (``StorageConfig(tier="disk")``), sized to 1.1 x MemTotal
 + 1 GiB and randomly initialised (every page is real data on the disk), is trained with row-wise
-Adagrad with the undo journal on, checkpointed twice, closed, reopened and read back whole. A
-background thread samples the process's resident memory throughout. What the table returns is
+Adagrad with the undo journal on, checkpointed twice, closed, reopened and read back whole (each
+lookup also checks every row against its stored checksum). A background thread samples the
+process's resident memory throughout. What the table returns is
 checked against sources outside the engram package: row bytes read with ``os.pread`` at the
 documented file offsets, CRC-32s of the whole file taken before training, and a float64 replay of
 the Adagrad rule from each row's value before its first update. docs/bigger-than-ram.md explains
@@ -48,7 +49,8 @@ from tests.test_training import MODEL
 pytestmark = pytest.mark.slow
 
 GiB = 1 << 30
-DATA_OFFSET = 8192  # a table file: two 4 KiB header slots, then the rows, row-major, little-endian
+DATA_OFFSET = 8192  # a table file: two 4 KiB header slots, then the rows, row-major, little-endian,
+CHECKSUM_BYTES = 4  # then one 4-byte checksum per row
 LAYER = 1
 STEPS = 60  # a checkpoint after STEPS // 2 and after STEPS
 BATCH, SEQ = 8, 64
@@ -367,9 +369,9 @@ def read_whole_table(table: DiskTable, weight_fd: int, state_fd: int, crcs: list
 def disk_needed(num_rows: int, dim: int, n_heads: int) -> int:
     """Bytes the run writes: weight, Adagrad's sum_sq, journal (bound), recordings (bound), margin."""
     rows_per_step = BATCH * SEQ * n_heads
-    weight = DATA_OFFSET + num_rows * dim * 4
-    sum_sq = DATA_OFFSET + num_rows * 4
-    journal = (STEPS // 2) * rows_per_step * (dim * 4 + 4 + 8 + 52)
+    weight = DATA_OFFSET + num_rows * (dim * 4 + CHECKSUM_BYTES)
+    sum_sq = DATA_OFFSET + num_rows * (4 + CHECKSUM_BYTES)
+    journal = (STEPS // 2) * rows_per_step * (dim * 4 + 4 + 8 + 2 * CHECKSUM_BYTES + 52)
     recordings = STEPS * rows_per_step * (8 + dim * 4) + min(num_rows, STEPS * rows_per_step) * dim * 4
     return weight + sum_sq + journal + recordings + GiB
 
@@ -400,7 +402,7 @@ def train_and_check(workdir: Path, config: EngramConfig, monkeypatch, report: li
             "file_bytes": weight_path.stat().st_size,
             "allocated_bytes": weight_path.stat().st_blocks * 512,
         }
-        assert facts["file_bytes"] == DATA_OFFSET + table.num_rows * row_bytes
+        assert facts["file_bytes"] == DATA_OFFSET + table.num_rows * (row_bytes + CHECKSUM_BYTES)
 
         with watch.phase("CRC-32 of the whole file (pread)"):
             crcs = file_crcs(weight_fd, table.num_rows, row_bytes)
@@ -443,20 +445,23 @@ def train_and_check(workdir: Path, config: EngramConfig, monkeypatch, report: li
         monkeypatch.setattr(DiskTable, "commit_checkpoint", recording_commit)
         losses, journals = [], []
         for half in (1, 2):
+            commits = len(at_commit)
             with watch.phase(f"train steps {trainer.step + 1}-{half * STEPS // 2}"):
                 losses += trainer.train(until=half * STEPS // 2)
             updates, rows = recorder.since_checkpoint
             with watch.phase(f"checkpoint at step {trainer.step}"):
                 checkpoint = trainer.save()
-            journals.append((at_commit[-1], updates, rows))
+            # the first commit of the half finds the full journal (train() may end with a checkpoint of its own)
+            journals.append((max(at_commit[commits:]), updates, rows))
             recorder.checkpointed()
             assert journal_path.stat().st_size <= 4096  # committed: the journal is empty again
         # Before the first checkpoint there is nothing to return to, so nothing is journaled; before
-        # the second, the journal holds each row changed since the first once (weight, sum_sq, row id),
-        # plus 52 bytes per record (at least one row each).
+        # the second, the journal holds each row changed since the first once (weight, sum_sq, the
+        # checksums of both, row id), plus 52 bytes per record (at least one row each).
         assert journals[0][0] <= 4096
         size, _, rows = journals[1]
-        assert rows * (row_bytes + 4 + 8) <= size <= 4096 + rows * (row_bytes + 4 + 8 + 52)
+        journal_row = row_bytes + 4 + 2 * CHECKSUM_BYTES + 8
+        assert rows * journal_row <= size <= 4096 + rows * (journal_row + 52)
         assert table.metadata["committed_step"] == STEPS and not table.metadata["dirty"]
         assert all(math.isfinite(loss) for loss in losses)
         assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3, "the model did not learn"

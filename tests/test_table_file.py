@@ -1,6 +1,7 @@
 """Table files: layout on disk, crash-safe header updates, deterministic initialisation and refusals.
 
-The on-disk checks read the file with plain ``open()`` and numpy, independently of TableFile.
+The on-disk checks read the file with plain ``open()`` and numpy, independently of TableFile; row
+checksums are checked against the plain-Python loop of tests/test_row_checksums.py.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import torch
 from engram.storage import DeviceTable, DiskTable, HostTable, shard_ranges
 from engram.storage import init as table_init
 from engram.storage.table_file import TableFile, TableFileError
+from tests.test_row_checksums import reference_checksums
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-RAW_DTYPE = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<u2"}
+RAW_DTYPE = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<u2", torch.int64: "<i8"}
 
 
 def read_slot(path, slot: int) -> tuple[int, int, dict, bool]:
@@ -36,7 +38,7 @@ def read_slot(path, slot: int) -> tuple[int, int, dict, bool]:
     return version, seq, header, hashlib.sha256(raw[:4064]).digest() == raw[4064:]
 
 
-def write_slot(path, slot: int, header: dict, seq: int, version: int = 1) -> None:
+def write_slot(path, slot: int, header: dict, seq: int, version: int = 2) -> None:
     """Write a header slot with a valid checksum, built from the documented layout."""
     data = json.dumps(header).encode()
     body = b"ENGRAMTB" + struct.pack("<IIQ", version, len(data), seq) + data
@@ -47,9 +49,34 @@ def write_slot(path, slot: int, header: dict, seq: int, version: int = 1) -> Non
 
 
 def raw_data(path, shape, dtype) -> np.ndarray:
+    """The rows: shape[0] x shape[1] elements from byte 8192."""
     with open(path, "rb") as f:
         f.seek(8192)
-        return np.frombuffer(f.read(), dtype=RAW_DTYPE[dtype]).reshape(shape)
+        count = shape[0] * shape[1]
+        return np.frombuffer(f.read(count * np.dtype(RAW_DTYPE[dtype]).itemsize), dtype=RAW_DTYPE[dtype]).reshape(shape)
+
+
+def raw_checksums(path, num_rows: int) -> list[int]:
+    """The row checksums: the last 4 * num_rows bytes, little-endian uint32."""
+    with open(path, "rb") as f:
+        f.seek(-4 * num_rows, os.SEEK_END)
+        return np.frombuffer(f.read(), dtype="<u4").tolist()
+
+
+def header_json(num_rows: int, dim: int, dtype: str = "float32", metadata: dict | None = None) -> dict:
+    """A format-2 header."""
+    meta = {} if metadata is None else metadata
+    return {"num_rows": num_rows, "dim": dim, "dtype": dtype, "metadata": meta, "row_checksum": "wsum32"}
+
+
+def downgrade_to_format_1(path) -> None:
+    """Make a table file what engram wrote before row checksums: version-1 headers, no checksum region."""
+    for slot in (0, 1):
+        _, seq, header, _ = read_slot(path, slot)
+        del header["row_checksum"]
+        write_slot(path, slot, header, seq, version=1)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4 * header["num_rows"])
 
 
 def flip_byte(path, offset: int) -> None:
@@ -69,11 +96,11 @@ def test_round_trip_layout_and_values_on_disk(tmp_path, dtype):
         assert table.nbytes == 24 * table.tensor.element_size()
         # multiples of 1/4 are exact in every dtype, so the expected bits can be computed from float32
         values = torch.arange(24, dtype=torch.float32).view(6, 4) * 0.25 - 2
-        table.tensor[:] = values.to(dtype)
-        table.tensor[5, 1] = 100.0
-        values[5, 1] = 100.0
+        table.write_rows(torch.arange(6), values.to(dtype))
+        table.write_rows(torch.tensor([5]), torch.tensor([[-2.0, 100.0, -1.5, -1.25]]))
+        values[5, :] = torch.tensor([-2.0, 100.0, -1.5, -1.25])
         table.flush()
-        assert os.path.getsize(path) == 8192 + table.nbytes
+        assert os.path.getsize(path) == 8192 + table.nbytes + 4 * 6  # the rows, then a checksum per row
 
         raw = raw_data(path, (6, 4), dtype)
         if dtype == torch.bfloat16:  # bfloat16 is the top half of a float32
@@ -81,11 +108,12 @@ def test_round_trip_layout_and_values_on_disk(tmp_path, dtype):
             assert np.array_equal(raw, expected)
         else:
             assert np.array_equal(raw.astype(np.float32), values.numpy())
+        assert raw_checksums(path, 6) == reference_checksums(raw)
 
     for slot in (0, 1):
         version, _, header, ok = read_slot(path, slot)
-        assert ok and version == 1
-        assert header == {"num_rows": 6, "dim": 4, "dtype": str(dtype).removeprefix("torch."), "metadata": meta}
+        assert ok and version == 2
+        assert header == header_json(6, 4, str(dtype).removeprefix("torch."), meta)
 
     with TableFile.open(path) as table:
         assert (table.num_rows, table.dim, table.dtype, table.writable) == (6, 4, dtype, False)
@@ -97,7 +125,11 @@ def test_init_is_deterministic_independent_of_chunking_and_has_the_right_std(tmp
     def make(name, **kw):
         with TableFile.create(tmp_path / name, 97, 48, init_std=0.02, **kw):
             pass
-        return (tmp_path / name).read_bytes()[8192:]
+        data = (tmp_path / name).read_bytes()
+        assert data[8192 + 97 * 48 * 4 :] == data[-4 * 97 :]  # then only the checksums
+        rows = raw_data(tmp_path / name, (97, 48), torch.float32)
+        assert raw_checksums(tmp_path / name, 97) == reference_checksums(rows)
+        return data[8192 : 8192 + 97 * 48 * 4]
 
     a, chunked, other = make("a", seed=5), make("b", seed=5, chunk_rows=7), make("c", seed=6)
     assert a == chunked
@@ -149,9 +181,10 @@ def test_zeros_are_created_sparse(tmp_path):
     with TableFile.create(path, 4096, 4096) as table:  # 64 MiB
         assert table.tensor[::511].abs().max() == 0
     st = os.stat(path)
-    assert st.st_size == 8192 + 4096 * 4096 * 4
-    assert st.st_blocks * 512 < 1 << 20  # nearly nothing allocated
+    assert st.st_size == 8192 + 4096 * 4096 * 4 + 4096 * 4
+    assert st.st_blocks * 512 < 1 << 20  # nearly nothing allocated: zero rows have checksum 0
     assert raw_data(path, (4096, 4096), torch.float32)[::97].max() == 0
+    assert set(raw_checksums(path, 4096)) == {0}
 
 
 def test_metadata_update_writes_the_other_slot_and_survives_a_torn_write(tmp_path):
@@ -163,7 +196,7 @@ def test_metadata_update_writes_the_other_slot_and_survives_a_torn_write(tmp_pat
     with TableFile.open(path, writable=True) as table:
         table.set_metadata({"step": 1})
         assert path.read_bytes()[:4096] == slot0  # the current slot is left alone
-        assert read_slot(path, 1)[1:3] == (2, {"num_rows": 3, "dim": 2, "dtype": "float32", "metadata": {"step": 1}})
+        assert read_slot(path, 1)[1:3] == (2, header_json(3, 2, metadata={"step": 1}))
         table.set_metadata({"step": 2})
         assert read_slot(path, 0)[1] == 3
     with TableFile.open(path) as table:
@@ -173,7 +206,7 @@ def test_metadata_update_writes_the_other_slot_and_survives_a_torn_write(tmp_pat
     with TableFile.open(path, writable=True) as table:
         assert table.metadata == {"step": 1}
         table.set_metadata({"step": 3})  # goes to the damaged slot, repairing it
-    assert read_slot(path, 0)[1:] == (3, {"num_rows": 3, "dim": 2, "dtype": "float32", "metadata": {"step": 3}}, True)
+    assert read_slot(path, 0)[1:] == (3, header_json(3, 2, metadata={"step": 3}), True)
     with TableFile.open(path) as table:
         assert table.metadata == {"step": 3}
 
@@ -189,8 +222,8 @@ def test_damaged_and_foreign_files_are_refused(tmp_path):
         TableFile.open(path)
 
     path.write_bytes(good[:-1])
-    with pytest.raises(TableFileError, match=r"truncated: expected 8252 bytes from the header .*, found 8251"):
-        TableFile.open(path)
+    with pytest.raises(TableFileError, match=r"truncated: expected 8272 bytes from the header .*, found 8271"):
+        TableFile.open(path)  # 5 rows x 3 x 4 + 8192 + 5 checksums x 4
     path.write_bytes(good + b"\0")
     with pytest.raises(TableFileError, match="too long"):
         TableFile.open(path)
@@ -212,9 +245,12 @@ def test_damaged_and_foreign_files_are_refused(tmp_path):
 @pytest.mark.parametrize(
     ("header", "version", "message"),
     [
-        ({"num_rows": 5, "dim": 3, "dtype": "float32", "metadata": {}}, 2, "written by a newer version"),
+        (header_json(5, 3), 3, "written by a newer version"),
         ({"num_rows": 5, "dim": 3, "dtype": "int8", "metadata": {}}, 1, "unknown dtype 'int8'"),
         ({"num_rows": 5, "dim": 3, "dtype": "float32"}, 1, "keys"),
+        ({"num_rows": 5, "dim": 3, "dtype": "float32", "metadata": {}}, 2, "version 2 header .* keys"),
+        (header_json(5, 3, "int8"), 2, "unknown dtype 'int8'"),
+        ({**header_json(5, 3), "row_checksum": "crc32c"}, 2, "rows checksummed with 'crc32c'.* upgrade engram"),
         ({"num_rows": "5", "dim": 3, "dtype": "float32", "metadata": {}}, 1, "num_rows must be an integer"),
         ({"num_rows": 5, "dim": 3, "dtype": "float32", "metadata": []}, 1, "metadata must be a JSON object"),
         ([5, 3], 1, "JSON object"),
@@ -232,8 +268,11 @@ def test_bad_headers_are_refused(tmp_path, header, version, message):
 def test_slots_disagreeing_on_shape_are_refused(tmp_path):
     path = tmp_path / "t"
     TableFile.create(path, 5, 3).close()
-    write_slot(path, 1, {"num_rows": 3, "dim": 5, "dtype": "float32", "metadata": {}}, seq=0)
+    write_slot(path, 1, header_json(3, 5), seq=0)
     with pytest.raises(TableFileError, match="disagree"):
+        TableFile.open(path)
+    write_slot(path, 1, {"num_rows": 5, "dim": 3, "dtype": "float32", "metadata": {}}, seq=0, version=1)
+    with pytest.raises(TableFileError, match="disagree on the table's format"):
         TableFile.open(path)
 
 
@@ -277,7 +316,7 @@ def test_create_refuses_bad_arguments_and_existing_files(tmp_path):
     assert path.read_bytes() == before
     with TableFile.create(path, 8, 2, overwrite=True) as table:
         assert table.num_rows == 8
-    assert os.path.getsize(path) == 8192 + 64
+    assert os.path.getsize(path) == 8192 + 64 + 8 * 4
 
 
 def test_failed_create_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -322,3 +361,60 @@ def test_closed_table_and_views_outliving_it(tmp_path):
     with pytest.raises(TableFileError, match="closed"):
         _ = table.tensor
     assert torch.equal(view, expected)  # a view taken before close keeps the mapping alive
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_write_rows_writes_each_rows_checksum_and_nothing_else(tmp_path, dtype):
+    path = tmp_path / "t"
+    table = TableFile.create(path, 50, 3, dtype)
+    rows = torch.tensor([2, 3, 4, 9, 40])  # a run of three and two single rows
+    values = (torch.arange(15).view(5, 3) - 7).to(dtype)
+    table.write_rows(rows, values)
+    table.close()
+    raw = raw_data(path, (50, 3), dtype)
+    expected = [0] * 50  # zero rows: checksum 0
+    for row, checksum in zip(rows.tolist(), reference_checksums(raw[rows.numpy()]), strict=True):
+        expected[row] = checksum
+    assert raw_checksums(path, 50) == expected
+    assert reference_checksums(raw[[2]]) != [0]
+
+
+def test_reads_check_the_rows_and_verify_finds_every_damaged_row(tmp_path):
+    from engram.storage.table_file import RowChecksumError
+
+    path = tmp_path / "t"
+    TableFile.create(path, 1000, 5, init_std=1.0).close()
+    for row in (0, 1, 2, 500, 999):  # rows 0-2 in a run; the first and last row of the file
+        flip_byte(path, 8192 + row * 20 + row % 20)
+    flip_byte(path, os.path.getsize(path) - 4 * 1000 + 4 * 700 + 3)  # a damaged checksum is a damaged row too
+    with TableFile.open(path) as table:
+        assert torch.equal(table.read_rows(torch.tensor([3, 998])), table.tensor[[3, 998]])
+        with pytest.raises(RowChecksumError, match=r"2 of the 4 rows read do not match .*\(rows 500, 700\)") as error:
+            table.read_rows(torch.tensor([700, 3, 500, 4]))
+        assert error.value.path == path and error.value.rows == [500, 700]
+        assert table.read_rows(torch.tensor([500]), verify=False).shape == (1, 5)  # the check can be skipped
+        for chunk_bytes in (20, 60, 1 << 20):  # runs that cross chunk boundaries are merged
+            check = table.verify(chunk_bytes=chunk_bytes)
+            assert check.damaged == [(0, 3), (500, 501), (700, 701), (999, 1000)]
+            assert (check.rows_checked, check.damaged_rows, check.intact) == (1000, 6, False)
+
+
+def test_format_1_files_open_read_and_write_without_checksums(tmp_path):
+    path = tmp_path / "t"
+    with TableFile.create(path, 10, 4, init_std=1.0, metadata={"a": 1}) as table:
+        expected = table.tensor.clone()
+    downgrade_to_format_1(path)
+    size = os.path.getsize(path)
+    assert size == 8192 + 10 * 4 * 4
+    with TableFile.open(path, writable=True) as table:
+        assert (table.version, table.checksums, table.metadata) == (1, None, {"a": 1})
+        assert torch.equal(table.read_rows(torch.tensor([7, 2])), expected[[7, 2]])
+        table.write_rows(torch.tensor([3]), torch.ones(1, 4))
+        table.set_metadata({"a": 2})
+        check = table.verify()
+        assert (check.version, check.rows_checked, check.intact) == (1, 0, True)
+    assert os.path.getsize(path) == size  # no checksum region appears
+    assert read_slot(path, 1)[0:3] == (1, 2, {"num_rows": 10, "dim": 4, "dtype": "float32", "metadata": {"a": 2}})
+    with TableFile.open(path) as table:
+        expected[3] = 1.0
+        assert torch.equal(table.tensor, expected)

@@ -75,3 +75,29 @@ def test_backing_rows_change_only_after_the_callback():
 def test_too_small_a_buffer_is_refused():
     with pytest.raises(ValueError, match="holds no row"):
         WriteBuffer(_arrays(5), 10)
+
+
+def test_rows_come_from_the_read_callback_and_a_failed_read_changes_nothing():
+    backing = _arrays(10)
+    snapshot = {name: array.clone() for name, array in backing.items()}
+    reads = []
+
+    def read_rows(name: str, rows: torch.Tensor) -> torch.Tensor:
+        reads.append((name, rows.tolist()))
+        if 5 in rows.tolist():  # a disk table raises here for a row that fails its checksum
+            raise ValueError("row 5 is damaged")
+        return backing[name].index_select(0, rows)
+
+    buffer = WriteBuffer(backing, 4 * (8 + 16 + 16 + 8), read_rows=read_rows)
+    buffer.write("weight", torch.tensor([1, 2]), torch.ones(2, 4))  # a claim loads every array of its rows
+    assert sorted(reads) == [("exp_avg", [1, 2]), ("row_step", [1, 2]), ("weight", [1, 2])]
+    reads.clear()
+    assert torch.equal(buffer.read("exp_avg", torch.tensor([1, 3, 2])), backing["exp_avg"][[1, 3, 2]])
+    assert reads == [("exp_avg", [3])]  # only the row that is not buffered
+
+    with pytest.raises(ValueError, match="row 5 is damaged"):
+        buffer.write("weight", torch.tensor([5]), torch.zeros(1, 4))  # row 5 would displace row 1 (slot 1)
+    assert buffer.buffered_rows == 2
+    assert torch.equal(buffer.read("weight", torch.tensor([1, 2])), torch.ones(2, 4))  # still buffered
+    for name in backing:
+        assert torch.equal(backing[name], snapshot[name]), name  # row 1 was not written back

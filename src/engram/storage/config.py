@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from engram._json_config import JsonConfig
+from engram._json_config import ConfigError, JsonConfig, require
 from engram.storage.base import TableStorage
 from engram.storage.device import DeviceTable
 from engram.storage.disk import DiskTable
@@ -43,6 +43,9 @@ class StorageConfig(JsonConfig):
             a device table follows the model's dtype.
         pin_memory: host tier: page-lock the whole table (default no: rows bound for a GPU are
             gathered into page-locked staging memory per lookup either way).
+        verify_rows: disk tier: check every row read from a table or optimizer-state file against
+            its stored checksum (a damaged row stops the run with an error naming the file and row).
+            Checksums are always written; this only switches the check on read.
     """
 
     tier: Tier = "device"
@@ -53,15 +56,13 @@ class StorageConfig(JsonConfig):
     write_buffer_mb: float = 64.0
     dtype: str = "float32"
     pin_memory: bool = False
+    verify_rows: bool = True
 
-    def __post_init__(self) -> None:
-        if self.tier not in ("device", "host", "disk"):
-            raise ValueError(f"storage tier must be 'device', 'host' or 'disk', got {self.tier!r}")
+    def validate(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"storage dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError("dtype", f"expected a storage dtype, one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("cache_mb", "write_buffer_mb"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            require(self, name, ge=0)
 
     @property
     def cache_bytes(self) -> int:
@@ -131,5 +132,6 @@ def _local_table(
         prefetch=config.prefetch,
         journal=config.journal,
         write_buffer_bytes=int(config.write_buffer_mb * 2**20),
+        verify_rows=config.verify_rows,
         **init,
     )

@@ -7,14 +7,21 @@ A ``DiskTable`` is a folder:
     journal.undo      undo journal: old values of the rows changed since the last checkpoint
 
 Reads go through the operating system's page cache and an optional hot-row cache; writes go to
-the mapping (write-through) and reach the file when the kernel writes the pages back or at a flush.
+the files (``pwrite``, through a write-back buffer) and reach the disk when the kernel writes the
+pages back or at a flush. Every row carries a checksum in its file (``TableFile``): rows are
+written with their checksums, and every row read from a file is checked against its checksum
+(``verify_rows``), so a row changed behind engram's back (a disk error, another program) stops the
+run with ``RowChecksumError`` instead of being trained on. ``verify_tables`` checks whole folders
+(``engram tables verify``).
 
 Checkpointing is two-phase and copies nothing. ``prepare_checkpoint(step)`` flushes every array and
 records ``prepared_step`` in the header; the caller then writes its checkpoint folder; then
 ``commit_checkpoint(step)`` empties the journal and records ``committed_step``. Before the first
 change after a commit, each changed row's old values go to the journal (fsynced first), so
 ``restore_checkpoint(step)`` can always bring the folder back to the last committed step, whatever
-moment a crash struck. Headers are double-buffered, so a crash never leaves a half-written one.
+moment a crash struck. The journal saves each file's row checksums with its rows, so a rollback
+restores both together, bit for bit. Headers are double-buffered, so a crash never leaves a
+half-written one.
 """
 
 from __future__ import annotations
@@ -26,12 +33,13 @@ import torch
 from engram.storage.init import draw_seed
 from engram.storage.journal import UndoJournal
 from engram.storage.offload import OffloadedTable
-from engram.storage.table_file import TableFile
+from engram.storage.table_file import RowCheck, TableFile, TableFileError
 from engram.storage.write_buffer import WriteBuffer
 
 WEIGHT_FILE = "weight.table"
 JOURNAL_FILE = "journal.undo"
 STATE_SUFFIX = ".table"
+CHECKSUMS = "{}.checksums"  # the undo journal's name for the row checksums of array {}
 
 
 class TableStateError(ValueError):
@@ -55,8 +63,12 @@ class DiskTable(OffloadedTable):
         journal: keep an undo journal so that a crash between checkpoints can be rolled back;
             without it a table changed after its last checkpoint cannot be restored.
         write_buffer_bytes: memory for the write-back buffer of rows the optimizer rewrites
-            (``WriteBuffer``; 0: every update goes straight to the mapping).
+            (``WriteBuffer``; 0: every update goes straight to the files).
         writable: open for training (False: inference only, the files are mapped read-only).
+        verify_rows: check every row read from a file (weight and optimizer state) against its stored
+            checksum, raising ``RowChecksumError`` on a mismatch. Rows served from the write buffer or
+            the hot-row cache were checked when they were read from the file. Checksums are written
+            either way. Files of format 1 (written before row checksums) are read unchecked.
     """
 
     persists_itself = True
@@ -75,6 +87,7 @@ class DiskTable(OffloadedTable):
         journal: bool = True,
         writable: bool = True,
         write_buffer_bytes: int = 0,
+        verify_rows: bool = True,
     ):
         self.directory = Path(directory)
         weight_path = self.directory / WEIGHT_FILE
@@ -106,6 +119,7 @@ class DiskTable(OffloadedTable):
             )
         self.weight_file = weight_file
         self.writable = writable
+        self.verify_rows = verify_rows
         super().__init__(weight_file.tensor, cache_bytes=cache_bytes, prefetch=prefetch)
         self._state_files: dict[str, TableFile] = {}
         for path in sorted(self.directory.glob(f"*{STATE_SUFFIX}")):
@@ -149,17 +163,33 @@ class DiskTable(OffloadedTable):
     def _arrays(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, **self._row_states}
 
+    def _files(self) -> dict[str, TableFile]:
+        return {"weight": self.weight_file, **self._state_files}
+
     def buffer(self) -> WriteBuffer | None:
         """The write-back buffer (None when ``write_buffer_bytes`` is 0)."""
         if self._buffer is None and self.write_buffer_bytes > 0:
             self._buffer = WriteBuffer(
-                self._arrays(), self.write_buffer_bytes, self._before_file_write, write_rows=self._file_write
+                self._arrays(),
+                self.write_buffer_bytes,
+                self._before_file_write,
+                write_rows=self._file_write,
+                read_rows=self._file_read,
             )
         return self._buffer
 
     def journal(self) -> UndoJournal:
+        """The undo journal over every array and each file's row checksums.
+
+        Journaling the checksums (4 bytes per row and file) rather than recomputing them after a
+        rollback restores exactly what the files held at the commit: a row damaged before it was
+        journaled comes back with its old checksum, still detectable, instead of with a fresh checksum
+        that would make the damage look valid.
+        """
         if self._journal is None:
-            self._journal = UndoJournal(self.directory / JOURNAL_FILE, self._arrays())
+            files = self._files().items()
+            checksums = {CHECKSUMS.format(name): f.checksums for name, f in files if f.checksums is not None}
+            self._journal = UndoJournal(self.directory / JOURNAL_FILE, {**self._arrays(), **checksums})
         return self._journal
 
     @property
@@ -174,14 +204,18 @@ class DiskTable(OffloadedTable):
     def _read_weight(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         buffer = self.buffer()
         if buffer is None:
-            return super()._read_weight(rows, out)
+            return self._file_read("weight", rows, out)
         values = buffer.read("weight", rows)
         return values if out is None else out.copy_(values)
 
+    def _file_read(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows (U,) of array ``name`` from its file: (U, *row_shape), checked unless ``verify_rows`` is off."""
+        values = self._files()[name].read_rows(rows, out=out, verify=self.verify_rows)
+        return values.view(rows.numel(), *self._arrays()[name].shape[1:])
+
     def _file_write(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Write rows (U,) of array ``name`` into its file with ``pwrite`` (``TableFile.write_rows``)."""
-        table_file = self.weight_file if name == "weight" else self._state_files[name]
-        table_file.write_rows(rows, values)
+        """Write rows (U,) of array ``name`` and their checksums into its file (``TableFile.write_rows``)."""
+        self._files()[name].write_rows(rows, values)
 
     def _write_weight(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         buffer = self.buffer()
@@ -192,7 +226,7 @@ class DiskTable(OffloadedTable):
 
     def read_state(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         buffer = self.buffer()
-        return super().read_state(name, rows) if buffer is None else buffer.read(name, rows)
+        return self._file_read(name, rows) if buffer is None else buffer.read(name, rows)
 
     def write_state(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         buffer = self.buffer()
@@ -225,7 +259,7 @@ class DiskTable(OffloadedTable):
     def flush(self) -> None:
         if self._buffer is not None:
             self._buffer.write_back_all()
-        for table_file in (self.weight_file, *self._state_files.values()):
+        for table_file in self._files().values():
             table_file.flush()
 
     def prepare_checkpoint(self, step: int) -> None:
@@ -285,9 +319,12 @@ class DiskTable(OffloadedTable):
         table = cls(directory, weight.shape[0], weight.shape[1], init_std=0.0, dtype=weight.dtype, **options)
         rows_per_chunk = max(1, (64 << 20) // max(1, weight[:1].nbytes))  # copy ~64 MiB at a time
         for name, source in {"weight": weight, **(row_states or {})}.items():
-            target = table.weight if name == "weight" else table.row_state(name, tuple(source.shape[1:]), source.dtype)
+            if name != "weight":
+                table.row_state(name, tuple(source.shape[1:]), source.dtype)  # creates its file
             for start in range(0, source.shape[0], rows_per_chunk):
-                target[start : start + rows_per_chunk].copy_(source[start : start + rows_per_chunk])
+                chunk = source[start : start + rows_per_chunk]
+                # consecutive rows: one pwrite, and their checksums in one store
+                table._file_write(name, torch.arange(start, start + chunk.shape[0]), chunk)
         table.flush()
         table._set_metadata(committed_step=committed_step, prepared_step=None, dirty=False)
         return table
@@ -305,8 +342,52 @@ class DiskTable(OffloadedTable):
     def close(self) -> None:
         """Flush and unmap the files; the table cannot be used afterwards."""
         self.flush()
-        for table_file in (self.weight_file, *self._state_files.values()):
+        for table_file in self._files().values():
             table_file.close()
 
     def extra_repr(self) -> str:
         return f"directory={str(self.directory)!r}, {super().extra_repr()}"
+
+
+def table_folders(path: str | Path) -> list[Path]:
+    """The table folders at ``path``: a table file (itself), a table folder, or a folder of them at any depth
+    (layer folders, and the shard folders inside them of a table sharded over several processes).
+
+    Raises:
+        FileNotFoundError: there is no table at ``path``.
+    """
+    path = Path(path)
+    if path.is_file() or (path / WEIGHT_FILE).is_file():
+        return [path]
+    folders = sorted(p.parent for p in path.rglob(WEIGHT_FILE)) if path.is_dir() else []
+    if not folders:
+        raise FileNotFoundError(f"{path} holds no engram table ({WEIGHT_FILE} or layer folders with one)")
+    return folders
+
+
+def table_files(folder: Path) -> list[Path]:
+    """The files of one entry of ``table_folders``: the weight file, then the optimizer state files by name."""
+    if folder.is_file():
+        return [folder]
+    return list(dict.fromkeys([folder / WEIGHT_FILE, *sorted(folder.glob(f"*{STATE_SUFFIX}"))]))
+
+
+def verify_tables(path: str | Path) -> list[RowCheck]:
+    """Check every row of every table and optimizer-state file at ``path`` against its checksum.
+
+    ``path`` is as for ``table_folders``. Files are read in chunks of about 64 MiB, so a table larger
+    than RAM is checked in bounded memory. A file that cannot be opened (a damaged header, a cut-off
+    file) is reported with its ``error``; a format-1 file (no checksums) with ``rows_checked == 0``.
+
+    Raises:
+        FileNotFoundError: there is no table at ``path``.
+    """
+    checks = []
+    for folder in table_folders(path):
+        for file in table_files(folder):
+            try:
+                with TableFile.open(file) as table_file:
+                    checks.append(table_file.verify())
+            except TableFileError as error:
+                checks.append(RowCheck(file, 0, 0, error=str(error)))
+    return checks

@@ -11,7 +11,9 @@ when their slot is needed, or at a checkpoint, removes most of that cost.
 array) in a direct-mapped set of slots: row ``r`` lives in slot ``r % num_slots`` (row ids are hash
 outputs, so the modulo spreads them). A row enters its slot when first written, loading all its
 arrays from the file, and leaves it (written back) when another row claims the slot or at
-``write_back_all``. Reads consult the buffer first. Before any row is written back,
+``write_back_all``. Reads consult the buffer first; rows that are not buffered, and the rows a
+claim loads, come from the ``read_rows`` callback (a disk table checks them against their
+checksums there, so a buffered row was checked once, when it entered). Before any row is written back,
 ``before_write_back(rows)`` runs: the disk table journals the old values there, so the file only
 changes in ways the undo journal can reverse; rows still in the buffer at a crash are simply lost,
 which is what rolling back to the last checkpoint wants anyway.
@@ -37,6 +39,8 @@ class WriteBuffer:
         before_write_back: called with the rows (U,) about to be written into the backing arrays.
         write_rows: ``write_rows(name, rows, values)`` writes rows into a backing array (default:
             ``index_copy_``; a disk table writes its files with ``pwrite``).
+        read_rows: ``read_rows(name, rows)`` reads rows (U,) of a backing array as (U, ...) (default:
+            ``index_select``; a disk table checks them against their checksums).
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class WriteBuffer:
         capacity_bytes: int,
         before_write_back: Callable[[torch.Tensor], None] = lambda rows: None,
         write_rows: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+        read_rows: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     ):
         self.arrays = dict(arrays)
         slot_bytes = 8 + sum(array[0].numel() * array.element_size() for array in self.arrays.values())
@@ -53,6 +58,7 @@ class WriteBuffer:
             raise ValueError(f"a write buffer of {capacity_bytes} bytes holds no row; give at least {slot_bytes}")
         self.before_write_back = before_write_back
         self.write_rows = write_rows or (lambda name, rows, values: self.arrays[name].index_copy_(0, rows, values))
+        self.read_rows = read_rows or (lambda name, rows: self.arrays[name].index_select(0, rows))
         self.tags = torch.full((self.num_slots,), EMPTY, dtype=torch.long)
         self.data = {name: array.new_empty(self.num_slots, *array.shape[1:]) for name, array in self.arrays.items()}
 
@@ -65,10 +71,10 @@ class WriteBuffer:
         slots = rows % self.num_slots
         hit = self.tags[slots] == rows
         if not bool(hit.any()):
-            return self.arrays[name].index_select(0, rows)
+            return self.read_rows(name, rows)
         out = self.data[name].new_empty(rows.numel(), *self.data[name].shape[1:])
         out[hit] = self.data[name][slots[hit]]
-        out[~hit] = self.arrays[name].index_select(0, rows[~hit])  # only rows not buffered touch the file
+        out[~hit] = self.read_rows(name, rows[~hit])  # only rows not buffered touch the file
         return out
 
     def write(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
@@ -96,13 +102,14 @@ class WriteBuffer:
 
     def _claim(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Put rows (U,) with distinct slots into the buffer, writing back the rows they displace."""
+        loaded = {name: self.read_rows(name, rows) for name in self.arrays}  # first: a failed read changes nothing
         victims = self.tags[slots]
         occupied = victims != EMPTY
         if bool(occupied.any()):
             victim_slots = slots[occupied]
             self._write_back_rows(victims[occupied], {name: data[victim_slots] for name, data in self.data.items()})
-        for name, array in self.arrays.items():
-            self.data[name][slots] = array.index_select(0, rows)
+        for name, values in loaded.items():
+            self.data[name][slots] = values
         self.tags[slots] = rows
 
     def _write_back_rows(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
