@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from engram._files import FolderInUseError, FolderLock
 from engram.eval import token_byte_lengths
 from engram.memory.layer import Engram
 from engram.model import EngramLM, ModelConfig
+from engram.storage.table_file import TableFile
 from engram.training import TrainConfig, Trainer, seed_everything
 from engram.training.checkpoint import load_checkpoint
 from engram.training.errors import NonFiniteError, NoUsableCheckpointError, TrainingInterrupted
@@ -427,3 +429,24 @@ def test_load_checkpoint_leaves_the_model_untouched_when_a_shard_is_damaged(comp
         load_checkpoint(shard.parents[1], fresh.model, fresh.optimizers)
     for name, value in before.items():
         assert torch.equal(fresh.model.state_dict()[name], value), name
+
+
+def test_damaged_disk_tables_are_never_converted_and_verify_names_the_row(workspace, disk_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(disk_run, run)
+    weight = run / "tables" / "layer_01" / "weight.table"
+    with TableFile.open(weight) as table:
+        row_bytes = table.dim * 4
+    with open(weight, "r+b") as f:  # a byte of row 3: after the 8 KiB header, rows of dim float32
+        f.seek(8192 + 3 * row_bytes + 5)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+    before = _snapshot(run)
+    converted = run_engram("tables", "convert", run, "--to", "device", cache=workspace["root"])
+    assert converted.returncode == 2 and "is damaged (weight.table: 1 damaged rows); nothing was converted" in (
+        converted.stderr
+    )
+    assert _snapshot(run) == before
+    verified = run_engram("tables", "verify", run, cache=workspace["root"])
+    assert verified.returncode == 1 and "1 damaged, rows 3" in verified.stdout, verified.stdout

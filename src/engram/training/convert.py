@@ -23,7 +23,8 @@ from pathlib import Path
 
 from engram._files import FolderLock, swap_into_place
 from engram.storage.config import LAYER_FOLDER, StorageConfig
-from engram.storage.disk import DiskTable
+from engram.storage.disk import DiskTable, verify_tables
+from engram.storage.table_file import TableFileError
 from engram.training.checkpoint import (
     DENSE,
     ShardReader,
@@ -55,18 +56,20 @@ def convert_run_tables(run_dir: str | Path, target: StorageConfig) -> Path:
 
 
 def _convert(run_dir: Path, target: StorageConfig) -> Path:
-    spec, checkpoint = read_run(run_dir)
-    if spec.model.engram is None:
+    saved, checkpoint = read_run(run_dir)
+    if saved.model.engram is None:
         raise ValueError(f"the model of {run_dir} has no Engram tables")
-    spec = dataclasses.replace(spec, storage=target)
+    spec = dataclasses.replace(saved, storage=target)
     target = spec.storage_for(run_dir)
 
     manifest = read_manifest(checkpoint)
     tree = load_state(checkpoint / DENSE)
     meta = tree["meta"]
     source = StorageConfig.from_dict(meta.get("storage", {}))
-    if source.tier == "disk":
-        source = spec.storage_for(run_dir) if source.directory is None else source
+    if source.tier == "disk" and saved.storage.tier == "disk":
+        # the folder training uses (run.json's), not the one recorded when the checkpoint was written: a run
+        # folder copied or moved since keeps its tables inside it
+        source = saved.storage_for(run_dir)
 
     if (source.tier == "disk") != (target.tier == "disk"):
         staging = checkpoint.parent / f".convert-{checkpoint.name}-{secrets.token_hex(6)}"
@@ -124,6 +127,15 @@ def _disk_to_shard(manifest: dict, source: StorageConfig, staging: Path) -> dict
     for layer in manifest["tables"]:
         table = DiskTable(source.layer_directory(int(layer)))
         table.restore_checkpoint(step)  # rolls back anything written after the checkpoint
+        damaged = [check for check in verify_tables(table.directory) if not check.intact]
+        if damaged:  # the whole table is copied below, not read row by row through the checked reads
+            table.close()
+            listing = "; ".join(f"{check.path.name}: {check.error or f'{check.damaged_rows} damaged rows'}"
+                                for check in damaged)  # fmt: skip
+            raise TableFileError(
+                f"the disk table at {table.directory} is damaged ({listing}); nothing was converted. "
+                f"`engram tables verify {table.directory}` lists the rows"
+            )
         tensors[shard_key(int(layer), "weight")] = table.weight.clone()
         for name, state in table.row_states().items():
             tensors[shard_key(int(layer), name)] = state.clone()
