@@ -18,19 +18,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram import CompressedTokenizer, EngramConfig, EngramIndexer
+from engram import EngramConfig
 from engram._files import FolderInUseError, FolderLock
-from engram.eval import token_byte_lengths
 from engram.memory.layer import Engram
 from engram.model import EngramLM, ModelConfig
 from engram.storage.table_file import TableFile
-from engram.training import TrainConfig, Trainer, seed_everything
+from engram.training import TrainConfig, Trainer
 from engram.training.checkpoint import load_checkpoint
 from engram.training.errors import NonFiniteError, NoUsableCheckpointError, TrainingInterrupted
 from engram.training.run import RunSpec, start_run
 from tests.cli_runs import make_workspace, run_engram
-from tests.corpus import sonnets_tokenizer, sonnets_tokens
-from tests.test_training import MODEL
+from tests.test_training import _trainer as training_run
 
 TRAIN = TrainConfig(
     steps=6,
@@ -44,19 +42,9 @@ TRAIN = TrainConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def compressor() -> CompressedTokenizer:
-    return CompressedTokenizer(sonnets_tokenizer(), cache_dir=False)
-
-
 def _trainer(compressor, out_dir, seed=0, **train) -> Trainer:
-    seed_everything(seed)
-    model = EngramLM(MODEL, indexer=EngramIndexer(MODEL.engram, compressor))
-    tokens, val = sonnets_tokens()
-    config = dataclasses.replace(TRAIN, **train)
-    return Trainer(
-        model, config, tokens, val, out_dir=out_dir, byte_lengths=token_byte_lengths(compressor), progress=False
-    )
+    """The trainer of tests/test_training.py's Engram+MoE model, with ``TRAIN`` changed by ``train``."""
+    return training_run(compressor, out_dir, train_config=dataclasses.replace(TRAIN, **train), seed=seed)
 
 
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:

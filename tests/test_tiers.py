@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram import CompressedTokenizer, DeviceTable, EngramIndexer
+from engram import DeviceTable, EngramIndexer
 from engram.eval import token_byte_lengths
 from engram.model import EngramLM
 from engram.storage import DiskTable, HostTable, StorageConfig, TableStateError
@@ -16,13 +16,8 @@ from engram.storage.table_file import TableFileError
 from engram.training import RowAdagrad, Trainer, seed_everything
 from engram.training.checkpoint import latest_checkpoint
 from engram.training.checkpoint_io import load_state
-from tests.corpus import sonnets_tokenizer, sonnets_tokens
+from tests.corpus import sonnets_tokens
 from tests.test_training import MODEL, TRAIN
-
-
-@pytest.fixture(scope="module")
-def compressor() -> CompressedTokenizer:
-    return CompressedTokenizer(sonnets_tokenizer(), cache_dir=False)
 
 
 def _model(compressor, tier: str, directory=None, **storage) -> EngramLM:

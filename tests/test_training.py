@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from engram import CompressedTokenizer, EngramConfig, EngramIndexer
+from engram import EngramConfig, EngramIndexer
 from engram.eval import token_byte_lengths
 from engram.model import EngramLM, ModelConfig, MoEConfig
 from engram.training import RowAdam, TrainConfig, Trainer, build_optimizers, lr_factor, seed_everything
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint
-from tests.corpus import sonnets_tokenizer, sonnets_tokens
+from tests.corpus import sonnets_tokens
 
 ENGRAM = EngramConfig(
     layer_ids=[1], max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=32, engram_vocab_size=[3001, 3001], pad_id=0
@@ -41,11 +41,6 @@ TRAIN = TrainConfig(
     checkpoint_every=6,
     device="cpu",
 )
-
-
-@pytest.fixture(scope="module")
-def compressor() -> CompressedTokenizer:
-    return CompressedTokenizer(sonnets_tokenizer(), cache_dir=False)
 
 
 def _trainer(compressor, out_dir, model_config=MODEL, train_config=TRAIN, seed=0, run_info=None) -> Trainer:
