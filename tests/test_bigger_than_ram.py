@@ -49,8 +49,8 @@ from tests.test_training import MODEL
 pytestmark = pytest.mark.slow
 
 GiB = 1 << 30
-DATA_OFFSET = 8192  # a table file: two 4 KiB header slots, then the rows, row-major, little-endian,
-CHECKSUM_BYTES = 4  # then one 4-byte checksum per row
+DATA_OFFSET = 8192  # a table file: two 4 KiB header slots, then one record per row: the row (little-endian)
+CHECKSUM_BYTES = 4  # followed by its 4-byte checksum (float32 rows: no padding)
 LAYER = 1
 STEPS = 60  # a checkpoint after STEPS // 2 and after STEPS
 BATCH, SEQ = 8, 64
@@ -226,26 +226,32 @@ def _pread_exact(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
+def record_offset(row: int, row_bytes: int) -> int:
+    """Where the record of ``row`` (float32 rows of ``row_bytes``, then the row's checksum) starts in its file."""
+    return DATA_OFFSET + row * (row_bytes + CHECKSUM_BYTES)
+
+
 def pread_rows(fd: int, rows: torch.Tensor, row_bytes: int, dtype=np.float32) -> torch.Tensor:
-    """Rows of a table file, read with plain os.pread at DATA_OFFSET + row * row_bytes."""
-    data = b"".join(_pread_exact(fd, row_bytes, DATA_OFFSET + row * row_bytes) for row in rows.tolist())
+    """Rows of a table file, read with plain os.pread from the start of each row's record."""
+    data = b"".join(_pread_exact(fd, row_bytes, record_offset(row, row_bytes)) for row in rows.tolist())
     values = np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(rows.numel(), -1)
     return torch.from_numpy(values.copy())
 
 
 def file_crcs(fd: int, num_rows: int, row_bytes: int) -> list[int]:
-    """CRC-32 of every CHUNK_BYTES of rows of a table file, read with os.pread."""
-    chunk = CHUNK_BYTES // row_bytes
+    """CRC-32 of every CHUNK_BYTES of row records (rows and checksums) of a table file, read with os.pread."""
+    record = row_bytes + CHECKSUM_BYTES
+    chunk = CHUNK_BYTES // record
     return [
-        zlib.crc32(_pread_exact(fd, (min(num_rows, s + chunk) - s) * row_bytes, DATA_OFFSET + s * row_bytes))
+        zlib.crc32(_pread_exact(fd, (min(num_rows, s + chunk) - s) * record, record_offset(s, row_bytes)))
         for s in range(0, num_rows, chunk)
     ]
 
 
 class AdagradRecorder:
     """Wraps ``RowAdagrad._update``: before each update of the table, records the rows, their summed
-    gradient, lr and eps, and the values of rows updated for the first time, read from the weight
-    file with os.pread (not through the table). Recordings go to files, not memory."""
+    gradient, lr and eps, and the records (values and checksum) of rows updated for the first time, read
+    from the weight file with os.pread (not through the table). Recordings go to files, not memory."""
 
     def __init__(self, weight_fd: int, dim: int, directory: Path):
         directory.mkdir()
@@ -271,7 +277,8 @@ class AdagradRecorder:
         rows, grad = rows.cpu(), grad.cpu().float().contiguous()
         new = rows[~torch.isin(rows, self.seen)]
         for row in new.tolist():
-            self._firsts.write(_pread_exact(self.fd, self.row_bytes, DATA_OFFSET + row * self.row_bytes))
+            record = self.row_bytes + CHECKSUM_BYTES
+            self._firsts.write(_pread_exact(self.fd, record, record_offset(row, self.row_bytes)))
         self.first_rows.append(new)
         self.seen = torch.cat([self.seen, new])
         self._updates.write(rows.numpy().tobytes())
@@ -285,14 +292,15 @@ class AdagradRecorder:
         self.since_checkpoint, self._interval_rows = (0, 0), torch.empty(0, dtype=torch.int64)
 
     def replay(self) -> dict[str, torch.Tensor]:
-        """The touched rows (sorted), their first values (float32) and, replayed in float64 with
-        s_r += mean(g_r^2); p_r -= lr g_r / (sqrt(s_r) + eps), their values and sum_sq now."""
+        """The touched rows (sorted), their first values (float32) and records (bytes) and, replayed in
+        float64 with s_r += mean(g_r^2); p_r -= lr g_r / (sqrt(s_r) + eps), their values and sum_sq now."""
         self._firsts.close()
         self._updates.close()
         first_rows = torch.cat(self.first_rows)
-        first = torch.from_numpy(np.fromfile(self._firsts_path, dtype="<f4").reshape(-1, self.dim))
+        records = np.fromfile(self._firsts_path, dtype=np.uint8).reshape(-1, self.row_bytes + CHECKSUM_BYTES)
         order = first_rows.argsort()
-        touched, initial = first_rows[order], first[order]
+        touched, records = first_rows[order], records[order.numpy()]
+        initial = torch.from_numpy(records[:, : self.row_bytes].copy().view("<f4"))
         values, sum_sq = initial.double(), torch.zeros(touched.numel(), dtype=torch.float64)
         with open(self._updates_path, "rb") as f:
             for n, lr, eps in self.updates:
@@ -302,7 +310,7 @@ class AdagradRecorder:
                 idx = torch.searchsorted(touched, rows)
                 sum_sq[idx] += grad.square().mean(dim=1)
                 values[idx] -= lr * grad / (sum_sq[idx].sqrt() + eps).unsqueeze(1)
-        return {"rows": touched, "initial": initial, "values": values, "sum_sq": sum_sq}
+        return {"rows": touched, "initial": initial, "records": records, "values": values, "sum_sq": sum_sq}
 
 
 def check_rows(table: DiskTable, weight_fd: int, state_fd: int, expected: dict, sample: dict) -> None:
@@ -332,11 +340,12 @@ def check_rows(table: DiskTable, weight_fd: int, state_fd: int, expected: dict, 
 
 def read_whole_table(table: DiskTable, weight_fd: int, state_fd: int, crcs: list[int], expected: dict) -> None:
     """Every row, looked up through the table as a model would: equal to the file's bytes, and
-    the file equal to its pre-training CRCs once the touched rows get their first values back."""
+    the file equal to its pre-training CRCs once the touched rows get their first records back."""
     row_bytes = table.dim * 4
-    chunk = CHUNK_BYTES // row_bytes
+    record = row_bytes + CHECKSUM_BYTES
+    chunk = CHUNK_BYTES // record
     touched = expected["rows"].tolist()
-    initial = expected["initial"].numpy()
+    initial = expected["records"]
     table.eval()
     k = 0
     with torch.no_grad():
@@ -344,23 +353,24 @@ def read_whole_table(table: DiskTable, weight_fd: int, state_fd: int, crcs: list
             stop = min(table.num_rows, start + chunk)
             # pread first: its read-ahead brings the chunk in with large reads; the table's mapping is
             # MADV_RANDOM (no read-ahead), so faulting it in first would read the chunk 4 KiB at a time
-            data = _pread_exact(weight_fd, (stop - start) * row_bytes, DATA_OFFSET + start * row_bytes)
+            data = _pread_exact(weight_fd, (stop - start) * record, record_offset(start, row_bytes))
             values = table(torch.arange(start, stop))  # the lookup path of a forward pass
-            from_file = torch.frombuffer(bytearray(data), dtype=torch.float32).view(stop - start, -1)
+            from_file = torch.frombuffer(bytearray(data), dtype=torch.float32).view(stop - start, -1)[:, : table.dim]
             assert torch.equal(values, from_file), f"rows {start}..{stop}: the table and its file disagree"
             crc, pos, view = 0, 0, memoryview(data)
             while k < len(touched) and touched[k] < stop:  # touched rows: their values before training
-                at = (touched[k] - start) * row_bytes
+                at = (touched[k] - start) * record
                 crc = zlib.crc32(initial[k], zlib.crc32(view[pos:at], crc))
-                pos, k = at + row_bytes, k + 1
+                pos, k = at + record, k + 1
             assert zlib.crc32(view[pos:], crc) == crcs[i], f"rows {start}..{stop} changed outside the trained rows"
     assert k == len(touched)
-    # sum_sq: nonzero exactly where training put a nonzero gradient
-    state_chunk = CHUNK_BYTES // 4
+    # sum_sq: nonzero exactly where training put a nonzero gradient (records of one float32 and a checksum)
+    state_chunk = CHUNK_BYTES // 8
     nonzero = []
     for start in range(0, table.num_rows, state_chunk):
         n = min(table.num_rows, start + state_chunk) - start
-        found = np.flatnonzero(np.frombuffer(_pread_exact(state_fd, 4 * n, DATA_OFFSET + 4 * start), dtype="<f4"))
+        records = np.frombuffer(_pread_exact(state_fd, 8 * n, record_offset(start, 4)), dtype="<f4").reshape(n, 2)
+        found = np.flatnonzero(records[:, 0])
         nonzero.append(torch.from_numpy(found + start))
     assert torch.equal(torch.cat(nonzero), expected["rows"][expected["sum_sq"] > 0])
 

@@ -424,9 +424,9 @@ def test_damaged_disk_tables_are_never_converted_and_verify_names_the_row(worksp
     shutil.copytree(disk_run, run)
     weight = run / "tables" / "layer_01" / "weight.table"
     with TableFile.open(weight) as table:
-        row_bytes = table.dim * 4
-    with open(weight, "r+b") as f:  # a byte of row 3: after the 8 KiB header, rows of dim float32
-        f.seek(8192 + 3 * row_bytes + 5)
+        record = table.dim * 4 + 4
+    with open(weight, "r+b") as f:  # a byte of row 3: after the 8 KiB header, records of dim float32 and a checksum
+        f.seek(8192 + 3 * record + 5)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x01]))

@@ -102,9 +102,12 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 def row_offset(table: DiskTable, name: str, row: int) -> int:
-    """Byte offset of ``row`` in the file of array ``name``, from the documented layout."""
+    """Byte offset of ``row`` in the file of array ``name``, from the documented layout (records of the row,
+    its checksum at the row's length rounded up to 4, padding to a multiple of 4 and of the element size)."""
     array = table.weight if name == "weight" else table.row_states()[name]
-    return 8192 + row * array[0].numel() * array.element_size()
+    row_bytes, align = array[0].numel() * array.element_size(), max(4, array.element_size())
+    record = -(-(-(-row_bytes // 4) * 4 + 4) // align) * align
+    return 8192 + row * record
 
 
 def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

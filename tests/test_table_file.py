@@ -48,19 +48,34 @@ def write_slot(path, slot: int, header: dict, seq: int, version: int = 2) -> Non
         f.write(body + hashlib.sha256(body).digest())
 
 
-def raw_data(path, shape, dtype) -> np.ndarray:
-    """The rows: shape[0] x shape[1] elements from byte 8192."""
+def record_bytes(dim: int, itemsize: int) -> tuple[int, int]:
+    """(checksum offset, record size) of a format-2 row record, from the documented layout: the row, its
+    checksum at the row's length rounded up to 4, padding to a multiple of 4 and of the element size."""
+    checksum_at = -(-dim * itemsize // 4) * 4
+    align = max(4, itemsize)
+    return checksum_at, -(-(checksum_at + 4) // align) * align
+
+
+def raw_records(path, shape, dtype) -> tuple[np.ndarray, list[int]]:
+    """(rows (shape[0], shape[1]), checksums as uint32) of a format-2 file, read from byte 8192."""
+    itemsize = np.dtype(RAW_DTYPE[dtype]).itemsize
+    checksum_at, size = record_bytes(shape[1], itemsize)
     with open(path, "rb") as f:
         f.seek(8192)
-        count = shape[0] * shape[1]
-        return np.frombuffer(f.read(count * np.dtype(RAW_DTYPE[dtype]).itemsize), dtype=RAW_DTYPE[dtype]).reshape(shape)
+        records = np.frombuffer(f.read(shape[0] * size), dtype=np.uint8).reshape(shape[0], size)
+    assert not records[:, checksum_at + 4 :].any() and not records[:, shape[1] * itemsize : checksum_at].any()
+    rows = records[:, : shape[1] * itemsize].copy().view(RAW_DTYPE[dtype])
+    return rows, records[:, checksum_at : checksum_at + 4].copy().view("<u4")[:, 0].tolist()
 
 
-def raw_checksums(path, num_rows: int) -> list[int]:
-    """The row checksums: the last 4 * num_rows bytes, little-endian uint32."""
-    with open(path, "rb") as f:
-        f.seek(-4 * num_rows, os.SEEK_END)
-        return np.frombuffer(f.read(), dtype="<u4").tolist()
+def raw_data(path, shape, dtype) -> np.ndarray:
+    """The rows of a format-2 file (``raw_records``)."""
+    return raw_records(path, shape, dtype)[0]
+
+
+def raw_checksums(path, shape, dtype=torch.float32) -> list[int]:
+    """The row checksums of a format-2 file (``raw_records``)."""
+    return raw_records(path, shape, dtype)[1]
 
 
 def header_json(num_rows: int, dim: int, dtype: str = "float32", metadata: dict | None = None) -> dict:
@@ -70,13 +85,17 @@ def header_json(num_rows: int, dim: int, dtype: str = "float32", metadata: dict 
 
 
 def downgrade_to_format_1(path) -> None:
-    """Make a table file what engram wrote before row checksums: version-1 headers, no checksum region."""
+    """Make a table file what engram wrote before row checksums: version-1 headers, records of the rows alone."""
     for slot in (0, 1):
         _, seq, header, _ = read_slot(path, slot)
         del header["row_checksum"]
         write_slot(path, slot, header, seq, version=1)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
+    rows = raw_data(path, (header["num_rows"], header["dim"]), dtype[header["dtype"]])
     with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) - 4 * header["num_rows"])
+        f.seek(8192)
+        f.write(rows.tobytes())
+        f.truncate(8192 + rows.nbytes)
 
 
 def flip_byte(path, offset: int) -> None:
@@ -100,7 +119,9 @@ def test_round_trip_layout_and_values_on_disk(tmp_path, dtype):
         table.write_rows(torch.tensor([5]), torch.tensor([[-2.0, 100.0, -1.5, -1.25]]))
         values[5, :] = torch.tensor([-2.0, 100.0, -1.5, -1.25])
         table.flush()
-        assert os.path.getsize(path) == 8192 + table.nbytes + 4 * 6  # the rows, then a checksum per row
+        checksum_at, size = record_bytes(4, table.tensor.element_size())
+        assert os.path.getsize(path) == 8192 + 6 * size  # a record per row: the row and its checksum
+        assert (checksum_at, size) == {4: (16, 20), 2: (8, 12)}[table.tensor.element_size()]
 
         raw = raw_data(path, (6, 4), dtype)
         if dtype == torch.bfloat16:  # bfloat16 is the top half of a float32
@@ -108,7 +129,7 @@ def test_round_trip_layout_and_values_on_disk(tmp_path, dtype):
             assert np.array_equal(raw, expected)
         else:
             assert np.array_equal(raw.astype(np.float32), values.numpy())
-        assert raw_checksums(path, 6) == reference_checksums(raw)
+        assert raw_checksums(path, (6, 4), dtype) == reference_checksums(raw)
 
     for slot in (0, 1):
         version, _, header, ok = read_slot(path, slot)
@@ -125,11 +146,10 @@ def test_init_is_deterministic_independent_of_chunking_and_has_the_right_std(tmp
     def make(name, **kw):
         with TableFile.create(tmp_path / name, 97, 48, init_std=0.02, **kw):
             pass
-        data = (tmp_path / name).read_bytes()
-        assert data[8192 + 97 * 48 * 4 :] == data[-4 * 97 :]  # then only the checksums
-        rows = raw_data(tmp_path / name, (97, 48), torch.float32)
-        assert raw_checksums(tmp_path / name, 97) == reference_checksums(rows)
-        return data[8192 : 8192 + 97 * 48 * 4]
+        assert (tmp_path / name).stat().st_size == 8192 + 97 * (48 * 4 + 4)
+        rows, checksums = raw_records(tmp_path / name, (97, 48), torch.float32)
+        assert checksums == reference_checksums(rows)
+        return rows.tobytes()
 
     a, chunked, other = make("a", seed=5), make("b", seed=5, chunk_rows=7), make("c", seed=6)
     assert a == chunked
@@ -181,10 +201,10 @@ def test_zeros_are_created_sparse(tmp_path):
     with TableFile.create(path, 4096, 4096) as table:  # 64 MiB
         assert table.tensor[::511].abs().max() == 0
     st = os.stat(path)
-    assert st.st_size == 8192 + 4096 * 4096 * 4 + 4096 * 4
+    assert st.st_size == 8192 + 4096 * (4096 * 4 + 4)
     assert st.st_blocks * 512 < 1 << 20  # nearly nothing allocated: zero rows have checksum 0
-    assert raw_data(path, (4096, 4096), torch.float32)[::97].max() == 0
-    assert set(raw_checksums(path, 4096)) == {0}
+    rows, checksums = raw_records(path, (4096, 4096), torch.float32)
+    assert rows[::97].max() == 0 and set(checksums) == {0}
 
 
 def test_metadata_update_writes_the_other_slot_and_survives_a_torn_write(tmp_path):
@@ -223,7 +243,7 @@ def test_damaged_and_foreign_files_are_refused(tmp_path):
 
     path.write_bytes(good[:-1])
     with pytest.raises(TableFileError, match=r"truncated: expected 8272 bytes from the header .*, found 8271"):
-        TableFile.open(path)  # 5 rows x 3 x 4 + 8192 + 5 checksums x 4
+        TableFile.open(path)  # 8192 + 5 records of 3 x 4 bytes and a 4-byte checksum
     path.write_bytes(good + b"\0")
     with pytest.raises(TableFileError, match="too long"):
         TableFile.open(path)
@@ -316,7 +336,7 @@ def test_create_refuses_bad_arguments_and_existing_files(tmp_path):
     assert path.read_bytes() == before
     with TableFile.create(path, 8, 2, overwrite=True) as table:
         assert table.num_rows == 8
-    assert os.path.getsize(path) == 8192 + 64 + 8 * 4
+    assert os.path.getsize(path) == 8192 + 8 * (2 * 4 + 4)
 
 
 def test_failed_create_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -375,7 +395,7 @@ def test_write_rows_writes_each_rows_checksum_and_nothing_else(tmp_path, dtype):
     expected = [0] * 50  # zero rows: checksum 0
     for row, checksum in zip(rows.tolist(), reference_checksums(raw[rows.numpy()]), strict=True):
         expected[row] = checksum
-    assert raw_checksums(path, 50) == expected
+    assert raw_checksums(path, (50, 3), dtype) == expected
     assert reference_checksums(raw[[2]]) != [0]
 
 
@@ -385,8 +405,8 @@ def test_reads_check_the_rows_and_verify_finds_every_damaged_row(tmp_path):
     path = tmp_path / "t"
     TableFile.create(path, 1000, 5, init_std=1.0).close()
     for row in (0, 1, 2, 500, 999):  # rows 0-2 in a run; the first and last row of the file
-        flip_byte(path, 8192 + row * 20 + row % 20)
-    flip_byte(path, os.path.getsize(path) - 4 * 1000 + 4 * 700 + 3)  # a damaged checksum is a damaged row too
+        flip_byte(path, 8192 + row * 24 + row % 20)  # records of 5 float32 and a checksum
+    flip_byte(path, 8192 + 700 * 24 + 20 + 3)  # a damaged checksum is a damaged row too
     with TableFile.open(path) as table:
         assert torch.equal(table.read_rows(torch.tensor([3, 998])), table.tensor[[3, 998]])
         with pytest.raises(RowChecksumError, match=r"2 of the 4 rows read do not match .*\(rows 500, 700\)") as error:
@@ -405,7 +425,7 @@ def test_format_1_files_open_read_and_write_without_checksums(tmp_path):
         expected = table.tensor.clone()
     downgrade_to_format_1(path)
     size = os.path.getsize(path)
-    assert size == 8192 + 10 * 4 * 4
+    assert size == 8192 + 10 * 4 * 4  # the rows alone
     with TableFile.open(path, writable=True) as table:
         assert (table.version, table.checksums, table.metadata) == (1, None, {"a": 1})
         assert torch.equal(table.read_rows(torch.tensor([7, 2])), expected[[7, 2]])
@@ -413,7 +433,7 @@ def test_format_1_files_open_read_and_write_without_checksums(tmp_path):
         table.set_metadata({"a": 2})
         check = table.verify()
         assert (check.version, check.rows_checked, check.intact) == (1, 0, True)
-    assert os.path.getsize(path) == size  # no checksum region appears
+    assert os.path.getsize(path) == size  # no checksums appear
     assert read_slot(path, 1)[0:3] == (1, 2, {"num_rows": 10, "dim": 4, "dtype": "float32", "metadata": {"a": 2}})
     with TableFile.open(path) as table:
         expected[3] = 1.0

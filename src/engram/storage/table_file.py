@@ -2,10 +2,12 @@
 
 Layout (little-endian), format version 2::
 
-    [0, 4096)         header slot 0
-    [4096, 8192)      header slot 1
-    [8192, C)         num_rows * dim elements, row-major, dtype float32, float16, bfloat16 or int64
-    [C, C + 4 * R)    one 32-bit checksum per row (``row_checksums``), R = num_rows
+    [0, 4096)            header slot 0
+    [4096, 8192)         header slot 1
+    [8192, 8192 + R*S)   R row records of S bytes: record r is row r (dim elements of dtype float32,
+                         float16, bfloat16 or int64), its 32-bit checksum (``row_checksums``) at the
+                         row's length rounded up to 4 bytes, zero padding to S (a multiple of 4 and
+                         of the element size): rows of 64 float32 take 260 bytes, int64 rows 16
 
 Each header slot holds the magic ``b"ENGRAMTB"``, uint32 format version, uint32 JSON length,
 uint64 sequence number, the JSON ``{"num_rows", "dim", "dtype", "metadata", "row_checksum"}``
@@ -14,7 +16,11 @@ bytes the SHA-256 of the slot's first 4064 bytes. A header update writes the slo
 hold the newest valid header, with the next sequence number; a write torn by a crash therefore
 damages only that slot, and opening falls back to the other one.
 
-Format version 1 is the same without the checksum region and without ``row_checksum``: such files
+A row and its checksum share a record, so reading or writing a row touches one page of the file
+(two when the record straddles a page boundary), as it would without checksums: a separate region
+of checksums would add a page fault to every cold read and a page to every scattered write.
+
+Format version 1 has records of the row alone (S = row bytes) and no ``row_checksum``: such files
 still open, read and train, but their rows cannot be checked.
 
 Rows and their checksums are always written together (``write_rows``, ``create``); reads that go
@@ -161,6 +167,15 @@ def row_checksums(values: torch.Tensor) -> torch.Tensor:
     return (((sums + 2**31) & 0xFFFFFFFF) - 2**31).to(torch.int32)  # the low 32 bits, as a signed int32
 
 
+def _records(rows: torch.Tensor, checksum_at: int, record_bytes: int) -> torch.Tensor:
+    """(U, record_bytes) uint8: the format-2 records of the contiguous rows (U, dim), checksums included."""
+    count, row_bytes = rows.shape[0], math.prod(rows.shape[1:]) * rows.element_size()
+    records = torch.zeros(count, record_bytes, dtype=torch.uint8)
+    records[:, :row_bytes] = rows.contiguous().view(torch.uint8).view(count, row_bytes)
+    records[:, checksum_at : checksum_at + CHECKSUM_BYTES] = row_checksums(rows).view(torch.uint8).view(count, -1)
+    return records
+
+
 def _runs(rows: torch.Tensor) -> list[tuple[int, int, int]]:
     """Runs of consecutive ids in ``rows`` (n,): ``(start, end, first id)`` each, positions [start, end) in ``rows``."""
     if rows.numel() == 0:
@@ -168,6 +183,18 @@ def _runs(rows: torch.Tensor) -> list[tuple[int, int, int]]:
     ends = [*((rows[1:] != rows[:-1] + 1).nonzero().squeeze(1) + 1).tolist(), rows.numel()]
     starts = [0, *ends[:-1]]
     return list(zip(starts, ends, rows[starts].tolist(), strict=True))
+
+
+def record_layout(row_bytes: int, itemsize: int, checksummed: bool = True) -> tuple[int, int]:
+    """(byte offset of the checksum in a row record, bytes of a record) for rows of ``row_bytes``.
+
+    Without checksums (format 1) a record is the row: ``(row_bytes, row_bytes)``.
+    """
+    if not checksummed:
+        return row_bytes, row_bytes
+    checksum_at = -(-row_bytes // CHECKSUM_BYTES) * CHECKSUM_BYTES
+    align = max(CHECKSUM_BYTES, itemsize)  # every record starts aligned for its elements and its checksum
+    return checksum_at, -(-(checksum_at + CHECKSUM_BYTES) // align) * align
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -207,18 +234,14 @@ def _slot_bytes(json_bytes: bytes, seq: int, version: int) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def _tensor_bytes(values: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a contiguous CPU tensor of any dtype (bfloat16 included)."""
-    return values.contiguous().view(torch.uint8).numpy().tobytes()
-
-
 class TableFile:
     """A (num_rows, dim) table in one memory-mapped file; see the module docstring for the layout.
 
-    ``tensor`` is a (num_rows, dim) view of the file: when opened writable, writes to it reach the
-    file (durably after ``flush``), but not its row checksums: write rows with ``write_rows``. A
-    read-only file is mapped read-only: writing to its tensor is a memory-protection fault that
-    stops the process, so the file can never change by accident.
+    ``tensor`` is a (num_rows, dim) view of the file (strided: a row is followed by its checksum):
+    when opened writable, writes to it reach the file (durably after ``flush``), but not its row
+    checksums: write rows with ``write_rows``. A read-only file is mapped read-only: writing to its
+    tensor is a memory-protection fault that stops the process, so the file can never change by
+    accident.
     """
 
     def __init__(self, path: Path, file, writable: bool, header: dict, slot: int, seq: int, version: int):
@@ -241,18 +264,19 @@ class TableFile:
             # Rows are read at hashed, i.e. random, positions: the kernel's read-ahead around each faulted
             # page would read megabytes per row once the file no longer fits in the page cache.
             self._mmap.madvise(mmap.MADV_RANDOM)
-        tdtype, npdtype = _DTYPES[self._dtype_name]
-        array = np.frombuffer(self._mmap, dtype=npdtype, count=self.num_rows * self.dim, offset=DATA_OFFSET)
-        self._checksum_offset = DATA_OFFSET + self.nbytes
-        sums = None
-        if self.row_checksum is not None:
-            sums = np.frombuffer(self._mmap, dtype="<i4", count=self.num_rows, offset=self._checksum_offset)
+        self.row_bytes = self.dim * torch.empty(0, dtype=self.dtype).element_size()
+        self._checksum_at, self.record_bytes = record_layout(
+            self.row_bytes, self.row_bytes // self.dim, checksummed=self.row_checksum is not None
+        )
+        array = np.frombuffer(self._mmap, dtype=np.uint8, count=self.num_rows * self.record_bytes, offset=DATA_OFFSET)
         with warnings.catch_warnings():
             # torch warns that a read-only array gives a tensor it cannot protect; the mapping itself does
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-            tensor = torch.from_numpy(array.reshape(self.num_rows, self.dim))
-            self._checksums: torch.Tensor | None = None if sums is None else torch.from_numpy(sums)
-        self._tensor: torch.Tensor | None = tensor.view(tdtype)
+            records = torch.from_numpy(array.reshape(self.num_rows, self.record_bytes))  # (R, S) bytes
+        self._tensor: torch.Tensor | None = records[:, : self.row_bytes].view(self.dtype)  # (R, dim)
+        self._checksums: torch.Tensor | None = None
+        if self.row_checksum is not None:
+            self._checksums = records[:, self._checksum_at : self._checksum_at + CHECKSUM_BYTES].view(torch.int32)[:, 0]
 
     # ---- creation and opening -------------------------------------------------------------
 
@@ -300,23 +324,21 @@ class TableFile:
             raise TableFileError(f"{path} already exists; pass overwrite=True to replace it, or open it")
 
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        checksum_offset = DATA_OFFSET + num_rows * dim * itemsize
+        checksum_at, record_bytes = record_layout(dim * itemsize, itemsize)
         tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(8)}"
         try:
             with open(tmp, "wb") as f:
                 # both slots hold the same header; slot 0 has the higher sequence number, so it is current
                 f.write(_slot_bytes(header, 1, VERSION) + _slot_bytes(header, 0, VERSION))
-                f.truncate(checksum_offset + num_rows * CHECKSUM_BYTES)  # sparse zeros, checksums 0 included
+                f.truncate(DATA_OFFSET + num_rows * record_bytes)  # sparse zeros: zero rows, checksums 0
                 if init_std > 0:
                     stream = NormalStream(seed)
                     for start in range(0, num_rows, chunk_rows):
                         stop = min(num_rows, start + chunk_rows)
                         values = stream.take((first_row + start) * dim, (first_row + stop) * dim) * init_std
-                        values = values.to(dtype).view(stop - start, dim)
-                        f.seek(DATA_OFFSET + start * dim * itemsize)
-                        f.write(_tensor_bytes(values))
-                        f.seek(checksum_offset + start * CHECKSUM_BYTES)
-                        f.write(_tensor_bytes(row_checksums(values)))
+                        records = _records(values.to(dtype).view(stop - start, dim), checksum_at, record_bytes)
+                        f.seek(DATA_OFFSET + start * record_bytes)
+                        f.write(records.numpy().tobytes())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -385,13 +407,13 @@ class TableFile:
                     f"{version}, {header['num_rows']}x{header['dim']} {header['dtype']}); the file cannot be trusted"
                 )
         itemsize = torch.empty(0, dtype=_DTYPES[header["dtype"]][0]).element_size()
-        checksums = header["num_rows"] * CHECKSUM_BYTES if version >= 2 else 0
-        expected = DATA_OFFSET + header["num_rows"] * header["dim"] * itemsize + checksums
+        _, record_bytes = record_layout(header["dim"] * itemsize, itemsize, checksummed=version >= 2)
+        expected = DATA_OFFSET + header["num_rows"] * record_bytes
         if size != expected:
             what = "truncated" if size < expected else "too long"
-            parts = f"{header['num_rows']} rows x {header['dim']} x {itemsize} + {DATA_OFFSET}"
-            if checksums:
-                parts += f" + {header['num_rows']} row checksums x {CHECKSUM_BYTES}"
+            parts = f"{DATA_OFFSET} + {header['num_rows']} rows x {record_bytes} bytes"
+            if version >= 2:
+                parts += f" ({header['dim']} x {itemsize} and a checksum)"
             raise TableFileError(
                 f"{path}: {what}: expected {expected} bytes from the header ({parts}), found {size}; "
                 "the file is incomplete or damaged, recreate it"
@@ -462,7 +484,8 @@ class TableFile:
         """Rows (U,) int64 of the table: (U, dim), gathered into ``out`` if given.
 
         With ``verify`` (and a format-2 file) each row's checksum is recomputed and compared with the
-        stored one, about a quarter of the gather's cost.
+        stored one (about a quarter of the gather's cost); the two sit in one record, so the check reads
+        no other page of the file.
 
         Raises:
             RowChecksumError: a row does not match its checksum (the message names the file and rows).
@@ -477,24 +500,21 @@ class TableFile:
     def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Write rows (U,) (distinct; sorted rows merge into fewer writes) with values (U, dim), and their checksums.
 
-        The rows go through ``pwrite``, one call per run of consecutive rows; the mapping sees the new
-        values at once (one page cache). Storing rows into the mapping instead would mark whole cached
-        chunks of the file dirty (the kernel may cache a file in blocks much larger than a page), so that
-        writing back a few scattered rows rewrites megabytes. The checksums are stored into the mapping
-        in one vectorised step: their region is dense (1,024 rows per 4 KiB page), so scattered rows
-        dirty most of its pages whichever way they are written, and a ``pwrite`` per row would double
-        the system calls (measured: +40% on a write of 2,832 scattered rows, against +8% this way).
+        Each run of consecutive rows is one ``pwrite`` of their records (row and checksum); the mapping
+        sees the new values at once (one page cache). Storing rows into the mapping instead would mark
+        whole cached chunks of the file dirty (the kernel may cache a file in blocks much larger than a
+        page), so that writing back a few scattered rows rewrites megabytes.
         """
         if not self.writable:
             raise TableFileError(f"{self.path} is open read-only; open it with writable=True to write rows")
         data = values.to(device="cpu", dtype=self.dtype).contiguous().view(-1, self.dim)
-        raw = data.view(torch.uint8).numpy()  # (U, dim * itemsize) bytes; works for bfloat16 too
-        rows = rows.reshape(-1).cpu()
-        row_bytes = raw.shape[1]
-        for start, end, first in _runs(rows):
-            self._pwrite(raw[start:end], DATA_OFFSET + first * row_bytes)
-        if self._checksums is not None:
-            self._checksums.index_copy_(0, rows, row_checksums(data))
+        if self._checksums is None:  # format 1: a record is the row
+            records = data.view(torch.uint8)
+        else:
+            records = _records(data, self._checksum_at, self.record_bytes)
+        raw = records.numpy()
+        for start, end, first in _runs(rows.reshape(-1).cpu()):
+            self._pwrite(raw[start:end], DATA_OFFSET + first * self.record_bytes)
 
     def _pwrite(self, data: np.ndarray, offset: int) -> None:
         """Write all of ``data`` (C-contiguous) at byte ``offset`` of the file."""
@@ -512,15 +532,16 @@ class TableFile:
         """
         if self.checksums is None:
             return RowCheck(self.path, self.version, 0)
-        row_bytes = self.nbytes // self.num_rows
-        chunk_rows = min(self.num_rows, max(1, chunk_bytes // row_bytes))
-        rows_buffer, sums_buffer = bytearray(chunk_rows * row_bytes), bytearray(chunk_rows * CHECKSUM_BYTES)
+        chunk_rows = min(self.num_rows, max(1, chunk_bytes // self.record_bytes))
+        buffer = bytearray(chunk_rows * self.record_bytes)
+        at = self._checksum_at
         damaged: list[tuple[int, int]] = []
         for start in range(0, self.num_rows, chunk_rows):
             n = min(self.num_rows - start, chunk_rows)
-            values = self._pread(rows_buffer, n * row_bytes, DATA_OFFSET + start * row_bytes).view(n, row_bytes)
-            stored = self._pread(sums_buffer, n * CHECKSUM_BYTES, self._checksum_offset + start * CHECKSUM_BYTES)
-            bad = (row_checksums(values) != stored.view(torch.int32)).nonzero().squeeze(1) + start
+            records = self._pread(buffer, n * self.record_bytes, DATA_OFFSET + start * self.record_bytes)
+            records = records.view(n, self.record_bytes)
+            stored = records[:, at : at + CHECKSUM_BYTES].contiguous().view(torch.int32)[:, 0]
+            bad = (row_checksums(records[:, : self.row_bytes]) != stored).nonzero().squeeze(1) + start
             for run_start, run_end, first in _runs(bad):
                 if damaged and damaged[-1][1] == first:  # a run that goes on from the previous chunk
                     damaged[-1] = (damaged[-1][0], first + run_end - run_start)
