@@ -153,8 +153,12 @@ def row_checksums(values: torch.Tensor) -> torch.Tensor:
     row_bytes = math.prod(values.shape[1:]) * values.element_size()
     if count == 0 or row_bytes == 0:
         return torch.zeros(count, dtype=torch.int32)
-    raw = values.detach().cpu().contiguous().view(count, -1).view(torch.uint8)
-    words = raw.view(torch.int32 if row_bytes % 4 == 0 else torch.int16)  # (U, W)
+    word = torch.int32 if row_bytes % 4 == 0 else torch.int16
+    raw = values.detach().cpu().reshape(count, -1)
+    try:  # rows inside wider records (a verify read) are read in place, without a copy
+        words = raw.view(torch.uint8).view(word)  # (U, W)
+    except RuntimeError:  # strides that a reinterpretation cannot keep
+        words = raw.contiguous().view(torch.uint8).view(word)
     num_words = words.shape[1]
     coefficients = _coefficients(num_words)
     sums = torch.zeros(count, dtype=torch.int64)
@@ -540,7 +544,7 @@ class TableFile:
             n = min(self.num_rows - start, chunk_rows)
             records = self._pread(buffer, n * self.record_bytes, DATA_OFFSET + start * self.record_bytes)
             records = records.view(n, self.record_bytes)
-            stored = records[:, at : at + CHECKSUM_BYTES].contiguous().view(torch.int32)[:, 0]
+            stored = records[:, at : at + CHECKSUM_BYTES].view(torch.int32)[:, 0]
             bad = (row_checksums(records[:, : self.row_bytes]) != stored).nonzero().squeeze(1) + start
             for run_start, run_end, first in _runs(bad):
                 if damaged and damaged[-1][1] == first:  # a run that goes on from the previous chunk
