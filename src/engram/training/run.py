@@ -151,9 +151,10 @@ def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trai
             run_info={"data": dataset.manifest.get("fingerprint", spec.data)},
             progress=progress,
         )
-        if not trainer.resume():
-            for table in model.engram_tables():  # a custom storage.directory may hold another run's tables
+        if not step_folders(run_dir / "checkpoints"):  # a custom storage.directory may hold another run's tables
+            for table in model.engram_tables():
                 table.check_untrained()
+        trainer.resume()
         if rank() == 0:
             write_spec(run_dir, spec)
         barrier()
