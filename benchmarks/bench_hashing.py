@@ -2,7 +2,7 @@
 
 Two measurements, both on one CPU thread by default (``torch.set_num_threads``):
 
-1. Hashing (shared/ENGRAM.md 2.2): ``engram.NgramHasher.hash`` (torch, eager and ``compile=True``)
+1. Hashing (docs/definition.md, "Hashing"): ``engram.NgramHasher.hash`` (torch, eager and ``compile=True``)
    against the independent NumPy
    implementation of the same algorithm, ``tests.reference.reference_hash``, on a (64, 2048) batch of
    random canonical ids (DeepSeek-V3 compressed vocabulary: 98,627 ids), N=3, K=8, the demo's base
@@ -43,7 +43,7 @@ from tests.reference import reference_hash, reference_multipliers, reference_tab
 
 from _report import environment_lines, format_table
 
-COMPRESSED_VOCAB = 98_627  # DeepSeek-V3 tokenizer after compression (shared/ENGRAM.md 2.1)
+COMPRESSED_VOCAB = 98_627  # DeepSeek-V3 tokenizer after compression (docs/definition.md, "Tokenizer compression")
 MAX_NGRAM = 3
 HEADS_PER_NGRAM = 8
 BASE_SIZES = [646_400, 646_400]  # demo default, 129280 * 5

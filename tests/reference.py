@@ -1,4 +1,4 @@
-"""Independent reference implementations of shared/ENGRAM.md, written for the tests and benchmarks.
+"""Independent reference implementations of docs/definition.md, written for the tests and benchmarks.
 
 They follow the text of the definition as literally as possible (NumPy, Python loops, trial
 division, ``unicodedata``) and share no code with the library.

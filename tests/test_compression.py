@@ -14,7 +14,7 @@ from tests.reference import reference_compression
 
 
 def test_deepseek_v3_figures_match_the_paper(deepseek):
-    """ENGRAM.md 2.1 / claim C1: 128,815 raw ids fold to 98,627 canonical ids, a 23.43% cut."""
+    """docs/definition.md ("Tokenizer compression"): 128,815 raw ids fold to 98,627 canonical ids, a 23.43% cut."""
     assert deepseek.raw_vocab_size == 128_815
     assert len(deepseek) == 98_627
     reduction = 100 * (1 - len(deepseek) / deepseek.raw_vocab_size)

@@ -1,4 +1,4 @@
-"""N-gram hashing: value for value against the NumPy reference of ENGRAM.md 2.2."""
+"""N-gram hashing: value for value against the NumPy reference of docs/definition.md ("Hashing")."""
 
 from __future__ import annotations
 

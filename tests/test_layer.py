@@ -1,4 +1,4 @@
-"""The Engram layer against a direct float64 transcription of ENGRAM.md 1, plus gradients and errors."""
+"""The Engram layer against a float64 transcription of docs/definition.md ("The layer"); gradients, errors."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def test_next_prime_is_strictly_greater_and_skips_excluded():
 
 
 def test_published_worked_example():
-    """ENGRAM.md 2.2: demo defaults (base 646,400, layers [1, 15], N=3, K=8)."""
+    """docs/definition.md ("Hashing"): demo defaults (base 646,400, layers [1, 15], N=3, K=8)."""
     sizes = engram_table_sizes([1, 15], 3, 8, [646400, 646400])
     assert sizes[1] == [
         [646403, 646411, 646421, 646423, 646433, 646453, 646519, 646523],

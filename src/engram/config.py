@@ -15,7 +15,7 @@ GateActivation = Literal["signed_sqrt", "plain"]
 class EngramConfig(JsonConfig):
     """Hyper-parameters of the Engram memory shared by all its layers.
 
-    Defaults follow DeepSeek's published demo (shared/ENGRAM.md 2.2).
+    Defaults follow DeepSeek's published demo (docs/definition.md, "Hashing").
 
     Attributes:
         layer_ids: backbone layers (0-based, taken literally) that get an Engram module.

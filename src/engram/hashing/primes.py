@@ -1,7 +1,7 @@
 """Prime table sizes for the hash heads.
 
 Every hash head owns a table whose size is a prime, and no two heads of a model share a prime
-(shared/ENGRAM.md 2.2). Bases reach tens of millions and models have dozens of heads, so the
+(docs/definition.md, "Hashing"). Bases reach tens of millions and models have dozens of heads, so the
 primality test is a deterministic Miller-Rabin that is exact for all 64-bit integers, not trial
 division.
 """

@@ -1,4 +1,4 @@
-"""The short causal convolution that follows the gated memory read (ENGRAM.md 1, step 6)."""
+"""The short causal convolution that follows the gated memory read (docs/definition.md, "The layer")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Engram layer: hashed n-gram lookup, context gate, short convolution (ENGRAM.md 1).
+"""The Engram layer: hashed n-gram lookup, context gate, short convolution (docs/definition.md, "The layer").
 
 Shapes: B batch, T positions, M residual branches, d hidden size, H = (N-1)*K heads,
 h = head width, d_mem = H*h.
