@@ -101,3 +101,35 @@ def test_allocation_errors():
         allocate(BASE, 0.0, TEMPLATE)
     with pytest.raises(ValueError, match="no room for Engram tables"):
         allocate(BASE, 0.999, TEMPLATE)
+
+
+@pytest.mark.parametrize("rho", [0.9, 0.75, 0.5])
+def test_total_and_active_allocation_matches_both_counts(rho):
+    allocation = allocate(BASE, rho, TEMPLATE, match="total_and_active")
+    moe, eng = allocation.moe_counts, allocation.engram_counts
+    # Counted on the built models, independently of the estimate the allocation used.
+    assert count_parameters(EngramLM(allocation.engram)) == eng
+    assert count_parameters(EngramLM(allocation.moe)) == moe
+    assert abs(allocation.total_mismatch) < 0.01
+    one_unit = 3 * BASE.d_model  # one hidden unit of the one dense FFN
+    assert abs(eng.active - moe.active) <= one_unit / 2
+    # Only the dense FFN width pays: the experts are those of the total-only allocation.
+    total_only = allocate(BASE, rho, TEMPLATE)
+    assert allocation.engram.moe == total_only.engram.moe
+    assert allocation.engram.ffn_hidden < BASE.ffn_hidden
+    assert eng.active < total_only.engram_counts.active
+    # The control without tables keeps the Engram model's backbone exactly.
+    control = allocation.experts_only
+    assert (
+        control.engram is None
+        and control.moe == allocation.engram.moe
+        and control.ffn_hidden == allocation.engram.ffn_hidden
+    )
+
+
+def test_total_and_active_allocation_needs_a_dense_ffn():
+    no_dense = dataclasses.replace(BASE, n_dense_layers=0)
+    with pytest.raises(ValueError, match="n_dense_layers >= 1"):
+        allocate(no_dense, 0.8, TEMPLATE, match="total_and_active")
+    with pytest.raises(ValueError, match="match must be"):
+        allocate(BASE, 0.8, TEMPLATE, match="active")

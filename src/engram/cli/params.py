@@ -35,6 +35,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="EngramConfig JSON fixing the Engram layers for --rho (its table sizes are replaced)",
     )
+    parser.add_argument(
+        "--match",
+        choices=("total", "total_and_active"),
+        default="total",
+        help="with --rho: hold only the total equal (default), or the active count too by narrowing the dense FFN",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the allocated Engram ModelConfig here (JSON)")
     parser.set_defaults(run=run)
 
@@ -66,11 +72,13 @@ def run(args: argparse.Namespace) -> int:
     if args.engram is None:
         raise ValueError("--rho needs --engram, an EngramConfig JSON that fixes the Engram layers")
     template = EngramConfig.load(args.engram)
-    allocation = allocate(config, args.rho, template)
+    allocation = allocate(config, args.rho, template, match=args.match)
     _print_table({"pure MoE": allocation.moe_counts, f"Engram, rho={args.rho:g}": allocation.engram_counts})
     print(f"\nrouted experts per MoE layer: {config.moe.n_routed_experts} -> {allocation.engram.moe.n_routed_experts}")
     if allocation.engram.engram is not None:
         print(f"Engram base table sizes: {allocation.engram.engram.engram_vocab_size}")
+    if allocation.engram.ffn_hidden != config.ffn_hidden:
+        print(f"dense FFN width (pays for the Engram projections): {config.ffn_hidden} -> {allocation.engram.ffn_hidden}")
     total, active = 100 * allocation.total_mismatch, 100 * allocation.active_mismatch
     print(f"total mismatch {total:+.3f}%, active mismatch {active:+.3f}%")
     if args.out is not None:

@@ -10,13 +10,18 @@ total and active parameter counts held fixed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 from engram.config import EngramConfig
 from engram.hashing.primes import engram_table_sizes
+from engram.memory.layer import Engram
 from engram.model.config import ModelConfig
 from engram.model.lm import EngramLM
 from engram.model.moe import MoE
+
+Match = Literal["total", "total_and_active"]
 
 
 @dataclass(frozen=True)
@@ -106,13 +111,19 @@ def count_parameters(model: EngramLM) -> ParamCounts:
 
 @dataclass(frozen=True)
 class Allocation:
-    """A pure-MoE model and the Engram model that spends a share ``1 - rho`` of its sparse budget on tables."""
+    """A pure-MoE model and the Engram model that spends a share ``1 - rho`` of its sparse budget on tables.
+
+    ``match`` says what the allocation held equal: ``"total"`` (total parameters only; the Engram
+    model has more active parameters, its projections) or ``"total_and_active"`` (the dense FFN is
+    narrowed to pay for them). The mismatch properties report what rounding leaves.
+    """
 
     rho: float
     moe: ModelConfig
     engram: ModelConfig
     moe_counts: ParamCounts
     engram_counts: ParamCounts
+    match: Match = "total"
 
     @property
     def total_mismatch(self) -> float:
@@ -124,50 +135,95 @@ class Allocation:
         """(Engram active - MoE active) / MoE active."""
         return self.engram_counts.active / self.moe_counts.active - 1
 
+    @property
+    def experts_only(self) -> ModelConfig:
+        """The Engram model's backbone without its tables: the control that separates memory from fewer experts."""
+        return dataclasses.replace(self.engram, engram=None)
 
-def allocate(base: ModelConfig, rho: float, engram: EngramConfig) -> Allocation:
+
+def allocate(base: ModelConfig, rho: float, engram: EngramConfig, match: Match = "total") -> Allocation:
     """Split ``base``'s sparse budget: a share ``rho`` to routed experts, the rest to Engram tables.
 
     ``base`` is the pure-MoE model (rho = 1); its total and active parameters are the budget. The
     Engram model keeps the backbone and ``top_k`` and changes only the number of routed experts and
     the tables' base sizes (taken from ``engram``, whose other fields fix the Engram layers).
     Tables absorb whatever the experts leave of the total, so the total matches up to prime
-    rounding; the active count grows by the Engram projections (reported as ``active_mismatch``).
+    rounding. With ``match="total"`` the active count grows by the Engram projections (reported as
+    ``active_mismatch``); with ``match="total_and_active"`` the dense FFN layers (``ffn_hidden`` of
+    the first ``n_dense_layers`` blocks) are narrowed by as many units as the projections add, so the
+    active count matches to within one unit (3 d parameters per dense layer) and the tables grow by
+    what the FFN gave up.
 
     Raises:
-        ValueError: ``base`` has no MoE or already has Engram, rho is outside (0, 1], or the
-            Engram layers' projections alone exceed what the experts leave of the budget.
+        ValueError: ``base`` has no MoE or already has Engram, rho is outside (0, 1], the Engram
+            layers' projections alone exceed what the experts leave of the budget, or
+            ``match="total_and_active"`` for a model without dense FFN layers to narrow.
     """
     if base.moe is None or base.engram is not None:
         raise ValueError("the base model must be a pure MoE model (moe set, engram None)")
     if not 0 < rho <= 1:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
+    if match not in ("total", "total_and_active"):
+        raise ValueError(f"match must be 'total' or 'total_and_active', got {match!r}")
     moe_counts = estimate_parameters(base)
     if rho == 1:
-        return Allocation(rho, base, base, moe_counts, moe_counts)
+        return Allocation(rho, base, base, moe_counts, moe_counts, match)
     moe_layers = sum(base.uses_moe(layer) for layer in range(base.n_layers))
     # The sparse budget of a pure MoE model is its inactive routed experts: (E - k) experts per layer.
     experts = base.moe.top_k + round(
         rho * moe_counts.sparse / (_swiglu(base.d_model, base.moe.expert_hidden) * moe_layers)
     )
-    moe_cfg = dataclasses.replace(base.moe, n_routed_experts=experts)
+    backbone = dataclasses.replace(base, moe=dataclasses.replace(base.moe, n_routed_experts=experts))
     smallest_tables = dataclasses.replace(engram, engram_vocab_size=[2] * (engram.max_ngram_size - 1))
-    without_tables = estimate_parameters(dataclasses.replace(base, moe=moe_cfg, engram=smallest_tables))
+    if match == "total_and_active":
+        backbone = _pay_active_with_dense_ffn(backbone, smallest_tables, moe_counts.active)
+    without_tables = estimate_parameters(dataclasses.replace(backbone, engram=smallest_tables))
     table_budget = moe_counts.total - (without_tables.total - without_tables.engram_tables)
+    engram_cfg = fit_table_sizes(engram, table_budget, context=f"rho={rho}")
+    config = dataclasses.replace(backbone, engram=engram_cfg)
+    return Allocation(rho, base, config, moe_counts, estimate_parameters(config), match)
 
-    def table_params(base_size: int) -> int:
-        sizes = engram_table_sizes(
-            engram.layer_ids, engram.max_ngram_size, engram.n_head_per_ngram, [base_size] * (engram.max_ngram_size - 1)
+
+def _pay_active_with_dense_ffn(backbone: ModelConfig, engram: EngramConfig, active_budget: int) -> ModelConfig:
+    """``backbone`` with its dense FFNs narrowed so that, with ``engram`` added, it has ``active_budget`` active."""
+    dense_layers = sum(not backbone.uses_moe(layer) for layer in range(backbone.n_layers))
+    if dense_layers == 0:
+        raise ValueError(
+            "match='total_and_active' narrows the dense FFN layers to pay for the Engram projections, but this "
+            "model has none; set n_dense_layers >= 1 or use match='total'"
         )
-        return sum(p for layer in sizes.values() for order in layer for p in order) * engram.head_dim
+    extra = estimate_parameters(dataclasses.replace(backbone, engram=engram)).active - active_budget
+    per_unit = _swiglu(backbone.d_model, 1) * dense_layers  # one hidden unit of every dense FFN
+    hidden = backbone.ffn_hidden - round(extra / per_unit)
+    if hidden < 1:
+        raise ValueError(
+            f"the Engram projections ({extra:,} active parameters) exceed the dense FFNs' {backbone.ffn_hidden} "
+            "hidden units; use smaller Engram layers or match='total'"
+        )
+    return dataclasses.replace(backbone, ffn_hidden=hidden)
 
-    # The largest base size whose prime tables fit the budget (the prime sum grows with the base).
-    low, high = 2, max(2, table_budget // (len(engram.layer_ids) * engram.n_heads * engram.head_dim))
-    if table_params(low) > table_budget:
-        raise ValueError(f"rho={rho} leaves no room for Engram tables ({table_budget} parameters)")
+
+def fit_table_sizes(engram: EngramConfig, budget: int, context: str = "the budget") -> EngramConfig:
+    """``engram`` with the largest equal base table size whose tables hold at most ``budget`` parameters.
+
+    The tables' parameter count grows with the base size (primes above it), so a binary search finds it.
+
+    Raises:
+        ValueError: even base size 2 exceeds the budget.
+    """
+    orders = engram.max_ngram_size - 1
+
+    def with_base(size: int) -> EngramConfig:
+        return dataclasses.replace(engram, engram_vocab_size=[size] * orders)
+
+    def table_params(size: int) -> int:
+        config = with_base(size)
+        return sum(math.prod(Engram.table_shape(config, layer)) for layer in config.layer_ids)
+
+    low, high = 2, max(2, budget // (len(engram.layer_ids) * engram.n_heads * engram.head_dim))
+    if table_params(low) > budget:
+        raise ValueError(f"{context} leaves no room for Engram tables ({budget:,} parameters)")
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if table_params(mid) <= table_budget else (low, mid - 1)
-    engram_cfg = dataclasses.replace(engram, engram_vocab_size=[low] * (engram.max_ngram_size - 1))
-    config = dataclasses.replace(base, moe=moe_cfg, engram=engram_cfg)
-    return Allocation(rho, base, config, moe_counts, estimate_parameters(config))
+        low, high = (mid, high) if table_params(mid) <= budget else (low, mid - 1)
+    return with_base(low)
