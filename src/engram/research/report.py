@@ -1,0 +1,227 @@
+"""Aggregate an experiment's finished runs: statistics over seeds, paired differences, tables and plots.
+
+For every variant and metric: the mean over seeds, the sample standard deviation and a 95% interval
+of the mean (Student's t). For every variant against the baseline: the paired difference
+(variant - baseline, run by run over the seeds both have finished; the two runs of a seed saw the
+same batches) with its own standard deviation and 95% interval. A difference is *resolved* when its
+interval excludes zero, which needs at least two seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engram.research.experiment import Experiment
+from engram.research.runner import FINAL_FILE, RunStatus
+
+# The metrics compared in the report, lower is better for each.
+METRICS = ("val_loss", "test_loss", "val_bpb", "test_bpb", "val_loss_engram_off", "test_loss_engram_off")
+PARAMS = ("params_total", "params_active", "params_tables")
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom; beyond 30 the normal 1.96
+# (too narrow by at most 4%).
+_T95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_quantile_95(dof: int) -> float:
+    """Two-sided 95% quantile of Student's t with ``dof`` >= 1 degrees of freedom."""
+    if dof < 1:
+        raise ValueError(f"need at least 1 degree of freedom, got {dof}")
+    return _T95[dof - 1] if dof <= len(_T95) else 1.96
+
+
+def describe(values: list[float]) -> dict[str, float | int | None]:
+    """n, mean, sample standard deviation and the 95% interval half-width of the mean (None below 2 values)."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "ci95": None}
+    mean = math.fsum(values) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "std": None, "ci95": None}
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"n": n, "mean": mean, "std": std, "ci95": t_quantile_95(n - 1) * std / math.sqrt(n)}
+
+
+def collect(statuses: list[RunStatus]) -> list[dict[str, Any]]:
+    """The ``final.json`` of every complete run, in plan order."""
+    return [json.loads((s.folder / FINAL_FILE).read_text()) for s in statuses if s.complete]
+
+
+def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-variant statistics and paired differences against the baseline (see the module docstring)."""
+    by_variant: dict[str, dict[int, dict[str, Any]]] = {}
+    for record in records:
+        by_variant.setdefault(record["variant"], {})[record["seed"]] = record
+    baseline = by_variant.get(experiment.baseline, {})
+    variants = []
+    for variant in experiment.variants:
+        runs = by_variant.get(variant.name, {})
+        entry: dict[str, Any] = {
+            "name": variant.name,
+            "label": variant.label,
+            "x": variant.x,
+            "seeds": sorted(runs),
+            "metrics": {},
+            "paired": {},
+        }
+        for key in PARAMS:
+            values = {r[key] for r in runs.values()}
+            entry[key] = values.pop() if len(values) == 1 else None  # the same model in every seed
+        for metric in METRICS:
+            values = [r[metric] for r in runs.values() if r.get(metric) is not None]
+            if not values:
+                continue
+            entry["metrics"][metric] = describe(values)
+            shared = sorted(seed for seed in runs if baseline.get(seed, {}).get(metric) is not None)
+            if variant.name != experiment.baseline and shared and metric in runs[shared[0]]:
+                diff = describe([runs[s][metric] - baseline[s][metric] for s in shared])
+                diff["resolved"] = diff["ci95"] is not None and abs(diff["mean"]) > diff["ci95"]
+                entry["paired"][metric] = diff
+        variants.append(entry)
+    planned = len(experiment.variants) * len(experiment.seeds)
+    return {
+        "experiment": experiment.name,
+        "question": experiment.question,
+        "baseline": experiment.baseline,
+        "seeds": experiment.seeds,
+        "runs_complete": len(records),
+        "runs_planned": planned,
+        "variants": variants,
+    }
+
+
+# -- output ----------------------------------------------------------------------------------------
+def write_report(
+    summary: dict[str, Any], records: list[dict[str, Any]], folder: Path, experiment: Experiment
+) -> list[Path]:
+    """results.json, results.csv (one row per run), results.md and the plot; returns the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [
+        _write(folder / "results.json", json.dumps({"summary": summary, "runs": records}, indent=2) + "\n"),
+        _write(folder / "results.csv", runs_csv(records)),
+        _write(folder / "results.md", markdown(summary)),
+    ]
+    if any(v["metrics"] for v in summary["variants"]):
+        paths.append(plot(summary, folder / "results.png", experiment))
+    return paths
+
+
+def _write(path: Path, text: str) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def runs_csv(records: list[dict[str, Any]]) -> str:
+    columns = ["variant", "seed", "step", *PARAMS, *METRICS, "val_bpb_engram_off", "test_bpb_engram_off"]
+    columns += ["tokens_per_s", "seconds_this_attempt"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow(record)
+    return out.getvalue()
+
+
+def _pm(stats: dict[str, Any] | None, digits: int = 4) -> str:
+    if not stats or stats["mean"] is None:
+        return "-"
+    if stats["std"] is None:
+        return f"{stats['mean']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _diff(stats: dict[str, Any] | None) -> str:
+    if not stats or stats["mean"] is None:
+        return "-"
+    if stats["ci95"] is None:
+        return f"{stats['mean']:+.4f}"
+    mark = " *" if stats["resolved"] else ""
+    return f"{stats['mean']:+.4f} ± {stats['ci95']:.4f}{mark}"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The results table: per variant mean ± std over seeds, and the paired difference ± 95% interval."""
+    lines = [
+        f"Experiment `{summary['experiment']}`: {summary['question']}",
+        "",
+        f"{summary['runs_complete']} of {summary['runs_planned']} runs complete; seeds {summary['seeds']}. "
+        "Losses in nats per token on the full splits (mean ± standard deviation over seeds); "
+        f"Δ = paired difference to `{summary['baseline']}` (mean ± 95% interval, * = interval excludes 0).",
+        "",
+        "| variant | total params | active params | table params | seeds | val loss | Δ val | test loss | Δ test "
+        "| test bpb | test loss, Engram off |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for v in summary["variants"]:
+        m, p = v["metrics"], v["paired"]
+        cells = [
+            f"`{v['name']}`" + (f" ({v['label']})" if v["label"] else ""),
+            *(f"{v[k]:,}" if v[k] is not None else "-" for k in PARAMS),
+            str(len(v["seeds"])),
+            _pm(m.get("val_loss")),
+            _diff(p.get("val_loss")),
+            _pm(m.get("test_loss")),
+            _diff(p.get("test_loss")),
+            _pm(m.get("test_bpb")),
+            _pm(m.get("test_loss_engram_off")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path, experiment: Experiment, metric: str = "test_loss") -> Path:
+    """Mean ``metric`` with ±1 standard deviation over seeds: against x where variants set it, else bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [v for v in summary["variants"] if metric in v["metrics"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(entries) + 2), 4.2))
+    positioned = [v for v in entries if v["x"] is not None]
+    if positioned:
+        xs = np.array([v["x"] for v in positioned], dtype=float)
+        order = np.argsort(xs)
+        means = np.array([v["metrics"][metric]["mean"] for v in positioned])[order]
+        stds = np.array([v["metrics"][metric]["std"] or 0.0 for v in positioned])[order]
+        ax.errorbar(xs[order], means, yerr=stds, marker="o", capsize=4, label=metric.replace("_", " "))
+        for v in (v for v in entries if v["x"] is None):  # reference lines for the variants without x
+            stats = v["metrics"][metric]
+            line = ax.axhline(stats["mean"], linestyle="--", linewidth=1, label=v["name"])
+            if stats["std"]:
+                ax.axhspan(
+                    stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.12, color=line.get_color()
+                )
+        ax.set_xlabel(experiment.x_label or "x")
+        if experiment.log_x:
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    else:
+        means = [v["metrics"][metric]["mean"] for v in entries]
+        stds = [v["metrics"][metric]["std"] or 0.0 for v in entries]
+        ax.bar(range(len(entries)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(entries)), [v["name"] for v in entries], rotation=30, ha="right", fontsize=8)
+        low = min(m - s for m, s in zip(means, stds, strict=True))
+        high = max(m + s for m, s in zip(means, stds, strict=True))
+        ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
+    ax.set_ylabel(f"{metric.replace('_', ' ')} (nats/token), mean ± std over seeds")
+    ax.set_title(f"{experiment.name}: {summary['runs_complete']} of {summary['runs_planned']} runs", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
