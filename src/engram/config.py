@@ -9,13 +9,17 @@ from engram._checks import check_hashing_params
 from engram._json_config import ConfigError, JsonConfig, require
 
 GateActivation = Literal["signed_sqrt", "plain"]
+Addressing = Literal["ngram", "token", "constant"]
+Variant = Literal["engram", "overencoding"]
 
 
 @dataclass
 class EngramConfig(JsonConfig):
     """Hyper-parameters of the Engram memory shared by all its layers.
 
-    Defaults follow DeepSeek's published demo (docs/definition.md, "Hashing").
+    Defaults follow DeepSeek's published demo (docs/definition.md, "Hashing"). The last five fields
+    are ablation switches and controls (docs/definition.md, "Ablation switches and controls"); their
+    defaults are the full Engram, bit for bit.
 
     Attributes:
         layer_ids: backbone layers (0-based, taken literally) that get an Engram module.
@@ -40,6 +44,20 @@ class EngramConfig(JsonConfig):
         gate_norm_eps: epsilon of the key/query RMSNorms; ``None`` means the dtype's machine
             epsilon (PyTorch's RMSNorm default, as in the demo).
         conv_norm_eps: epsilon of the RMSNorm in front of the convolution.
+        compress_tokens: ``False`` switches tokenizer compression off: the hash reads the
+            tokenizer's raw ids (V' = its raw vocabulary size, which bounds the multipliers; the
+            pad id is ``pad_id`` itself).
+        use_gate: ``False`` fixes the gate to 1 (v~ = v in every branch); the key projection and
+            the key/query norms are not built.
+        use_conv: ``False`` builds no short convolution: Y = v~.
+        addressing: which row each head reads. ``"ngram"``: the hashed suffix n-gram.
+            ``"token"``: the hash of the current token alone, pads before it (a unigram memory in
+            the same tables). ``"constant"``: every head has a table of one row that every
+            position reads (capacity 1: the parameters and the gate, no content addressing).
+        variant: ``"engram"``, or ``"overencoding"``: the OverEncoding baseline, hashed n-gram
+            embeddings averaged into the input embedding. The module keeps only its table
+            (``use_gate``, ``use_conv``, ``kernel_size`` and the gate and conv settings do not
+            apply); a model needs ``layer_ids == [0]`` and ``n_embed_per_ngram == d_model``.
     """
 
     layer_ids: list[int] = field(default_factory=lambda: [1, 15])
@@ -55,6 +73,11 @@ class EngramConfig(JsonConfig):
     table_init_std: float = 1.0
     gate_norm_eps: float | None = None
     conv_norm_eps: float = 1e-5
+    compress_tokens: bool = True
+    use_gate: bool = True
+    use_conv: bool = True
+    addressing: Addressing = "ngram"
+    variant: Variant = "engram"
 
     def validate(self) -> None:
         try:

@@ -10,18 +10,40 @@ from typing import Any
 
 import torch
 
+from engram._checks import as_id_tensor, check_id_range
 from engram.config import EngramConfig
 from engram.hashing.compression import CompressedTokenizer
 from engram.hashing.ngram import NgramHasher
+from engram.hashing.primes import engram_table_sizes
+
+
+def engram_head_sizes(config: EngramConfig, layer_id: int) -> list[int]:
+    """Rows of each head's table for ``layer_id``, in hash-output order: the one source of table shapes.
+
+    The distinct primes of docs/definition.md ("Hashing"), or one row per head under
+    ``addressing="constant"`` (docs/definition.md, "Ablation switches and controls"). The layer,
+    the storage built before it and the parameter accounting all take their shapes from here.
+    """
+    if layer_id not in config.layer_ids:
+        raise KeyError(f"layer {layer_id} has no Engram module; configured layer_ids are {config.layer_ids}")
+    if config.addressing == "constant":
+        return [1] * config.n_heads
+    sizes = engram_table_sizes(
+        config.layer_ids, config.max_ngram_size, config.n_head_per_ngram, config.engram_vocab_size
+    )
+    return [p for order in sizes[layer_id] for p in order]
 
 
 class EngramIndexer:
     """Tokenizer compression followed by n-gram hashing for every configured layer.
 
+    ``config.compress_tokens`` and ``config.addressing`` choose what is hashed and which rows are
+    read (docs/definition.md, "Ablation switches and controls"); the defaults are the definition's.
+
     Args:
         config: the Engram configuration (hash parameters and raw ``pad_id``).
         tokenizer: a ``CompressedTokenizer``, or anything ``CompressedTokenizer`` accepts
-            (``None`` = DeepSeek-V3).
+            (``None`` = DeepSeek-V3). Without compression it still gives the raw vocabulary size.
         separator_id: optional raw id at which n-gram windows restart in packed sequences.
     """
 
@@ -32,25 +54,40 @@ class EngramIndexer:
         for name, raw in (("pad_id", config.pad_id), ("separator_id", separator_id)):
             if raw is not None and not 0 <= raw < raw_vocab:
                 raise ValueError(f"{name} {raw} is not a raw id of the tokenizer (which has {raw_vocab} ids)")
+        if config.compress_tokens:
+            table = self.compressor.lookup_table
+            vocab, pad_id = len(self.compressor), int(table[config.pad_id])
+            separator_id = None if separator_id is None else int(table[separator_id])
+        else:  # the hash reads raw ids: V' is the raw vocabulary, which bounds the multipliers
+            vocab, pad_id = raw_vocab, config.pad_id
         self.hasher = NgramHasher(
             layer_ids=config.layer_ids,
             max_ngram_size=config.max_ngram_size,
             n_head_per_ngram=config.n_head_per_ngram,
             engram_vocab_size=config.engram_vocab_size,
-            compressed_vocab_size=len(self.compressor),
-            pad_id=int(self.compressor.lookup_table[config.pad_id]),
+            compressed_vocab_size=vocab,
+            pad_id=pad_id,
             seed=config.seed,
-            separator_id=None if separator_id is None else int(self.compressor.lookup_table[separator_id]),
+            separator_id=separator_id,
         )
+
+    def canonical(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The ids the hash reads for raw ids (B, T): canonical ids, or the raw ids without compression."""
+        if self.config.compress_tokens:
+            return self.compressor(input_ids)
+        ids = as_id_tensor(input_ids, "input_ids")
+        n_raw = self.compressor.raw_vocab_size
+        check_id_range(ids, 0, n_raw, "input_ids", f" of the tokenizer's {n_raw} raw ids (compress_tokens=False)")
+        return ids
 
     def __call__(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
         """Row indices of every layer for raw ids (B, T): ``{layer_id: (B, T, (N-1)*K) int64}``."""
-        canonical = self.compressor(input_ids)
-        return {lid: self.hasher.hash(canonical, lid) for lid in self.hasher.layer_ids}
+        canonical = self.canonical(input_ids)
+        return {lid: self._rows(canonical, lid) for lid in self.hasher.layer_ids}
 
     def hash_layer(self, input_ids: torch.Tensor, layer_id: int) -> torch.Tensor:
         """Row indices of one layer for raw ids (B, T)."""
-        return self.hasher.hash(self.compressor(input_ids), layer_id)
+        return self._rows(self.canonical(input_ids), layer_id)
 
     def hash_step(
         self, input_ids: torch.Tensor, history: torch.Tensor | None = None
@@ -66,8 +103,29 @@ class EngramIndexer:
             ``(hash_ids, history)``: ``{layer_id: (B, t, (N-1)*K)}`` equal to the last t positions of
             indexing the whole sequence, and the (B, N-1) history after the new positions.
         """
-        canonical = self.compressor(input_ids)
+        canonical = self.canonical(input_ids)
         if history is None:
             history = self.hasher.initial_history(canonical.shape[0], canonical.device)
-        hash_ids = {lid: self.hasher.hash(canonical, lid, history=history) for lid in self.hasher.layer_ids}
+        hash_ids = {lid: self._rows(canonical, lid, history) for lid in self.hasher.layer_ids}
         return hash_ids, self.hasher.update_history(history, canonical)
+
+    def _rows(self, canonical: torch.Tensor, layer_id: int, history: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, H) row of every head for canonical ids (B, T), by ``config.addressing``.
+
+        ``history`` (B, N-1) precedes the ids when decoding; only n-gram addressing looks back.
+        """
+        addressing = self.config.addressing
+        if addressing == "ngram":
+            return self.hasher.hash(canonical, layer_id, history=history)
+        if addressing == "token":
+            # Every token hashed as a sequence of its own, pads before it (docs/definition.md,
+            # "Ablation switches and controls"): the same tables and primes, read by the unigram.
+            batch, length = canonical.shape
+            return self.hasher.hash(canonical.reshape(batch * length, 1), layer_id).view(batch, length, -1)
+        # Constant addressing: row 0 of every head's one-row table. The ids are checked as the hash
+        # checks them, so that bad ids fail under every addressing alike.
+        if layer_id not in self.hasher.layer_ids:
+            raise KeyError(f"layer {layer_id} has no Engram module; configured layer_ids are {self.hasher.layer_ids}")
+        canonical = as_id_tensor(canonical, "input_ids", ndim=2)
+        check_id_range(canonical, 0, self.hasher.compressed_vocab_size, "input_ids", " of the ids the hash reads")
+        return canonical.new_zeros(*canonical.shape, self.hasher.n_heads)

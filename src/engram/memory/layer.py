@@ -13,6 +13,11 @@ h = head width, d_mem = H*h.
 
 The layer returns Y; the block adds it to the residual stream before attention. Only the short
 convolution reaches back in time, so decoding (``step``) carries its state and nothing else.
+
+The ablation switches of ``EngramConfig`` (docs/definition.md, "Ablation switches and controls")
+fix alpha to 1 (``use_gate=False``: no key projection, no key/query norms), drop the convolution
+(``use_conv=False``: Y = v~), or make the module OverEncoding (``variant="overencoding"``: the
+table alone, Y = (sum_n e_n - (N-1) h) / N with e_n (B, T, d) order n's rows).
 """
 
 from __future__ import annotations
@@ -24,8 +29,7 @@ from torch import nn
 
 from engram._checks import as_id_tensor
 from engram.config import EngramConfig
-from engram.hashing.indexer import EngramIndexer
-from engram.hashing.primes import engram_table_sizes
+from engram.hashing.indexer import EngramIndexer, engram_head_sizes
 from engram.memory.conv import BranchRMSNorm, ShortConv
 from engram.storage.base import TableStorage
 from engram.storage.device import DeviceTable
@@ -59,6 +63,11 @@ class Engram(nn.Module):
             raise ValueError(f"layer_id {layer_id} is not in config.layer_ids {config.layer_ids}")
         if hidden_size < 1 or n_branches < 1:
             raise ValueError(f"hidden_size and n_branches must be >= 1, got {hidden_size} and {n_branches}")
+        if config.variant == "overencoding" and hidden_size != config.n_embed_per_ngram:
+            raise ValueError(
+                f"OverEncoding adds each order's {config.n_embed_per_ngram}-wide rows to the embedding itself: "
+                f"hidden_size ({hidden_size}) must equal n_embed_per_ngram"
+            )
         if indexer is not None and indexer.config != config:
             raise ValueError("the indexer was built from a different EngramConfig than this layer")
         self.config = config
@@ -84,30 +93,36 @@ class Engram(nn.Module):
             )
         self.table = storage
 
+        # Only the modules a switch keeps are built, so that parameter counts stay honest
+        # (docs/definition.md, "Ablation switches and controls").
+        full = config.variant == "engram"  # OverEncoding keeps the table alone
+        gated = full and config.use_gate
         d_mem = config.memory_dim
-        self.value_proj = nn.Linear(d_mem, hidden_size)
-        self.key_proj = nn.Linear(d_mem, n_branches * hidden_size)  # W_K^m for all m, stacked
-        self.key_norm = BranchRMSNorm(n_branches, hidden_size, config.gate_norm_eps)
-        self.query_norm = BranchRMSNorm(n_branches, hidden_size, config.gate_norm_eps)
-        # Set record_gates to keep each forward's gate values (B, T, M) in last_gate (analysis, plots).
+        self.value_proj = nn.Linear(d_mem, hidden_size) if full else None
+        self.key_proj = nn.Linear(d_mem, n_branches * hidden_size) if gated else None  # W_K^m for all m, stacked
+        self.key_norm = BranchRMSNorm(n_branches, hidden_size, config.gate_norm_eps) if gated else None
+        self.query_norm = BranchRMSNorm(n_branches, hidden_size, config.gate_norm_eps) if gated else None
+        # Set record_gates to keep each forward's gate values (B, T, M) in last_gate (analysis, plots):
+        # ones with use_gate=False; OverEncoding has no gate and leaves last_gate None.
         self.record_gates = False
         self.last_gate: torch.Tensor | None = None
-        self.short_conv = ShortConv(
-            n_branches,
-            hidden_size,
-            kernel_size=config.kernel_size,
-            dilation=config.max_ngram_size,
-            norm_eps=config.conv_norm_eps,
-            zero_init=config.conv_zero_init,
+        self.short_conv = (
+            ShortConv(
+                n_branches,
+                hidden_size,
+                kernel_size=config.kernel_size,
+                dilation=config.max_ngram_size,
+                norm_eps=config.conv_norm_eps,
+                zero_init=config.conv_zero_init,
+            )
+            if full and config.use_conv
+            else None
         )
 
     @staticmethod
     def table_head_sizes(config: EngramConfig, layer_id: int) -> list[int]:
-        """Rows of each head's table for ``layer_id``, in hash-output order (the primes)."""
-        sizes = engram_table_sizes(
-            config.layer_ids, config.max_ngram_size, config.n_head_per_ngram, config.engram_vocab_size
-        )[layer_id]
-        return [p for order in sizes for p in order]
+        """Rows of each head's table for ``layer_id``, in hash-output order (``engram_head_sizes``)."""
+        return engram_head_sizes(config, layer_id)
 
     @classmethod
     def table_shape(cls, config: EngramConfig, layer_id: int) -> tuple[int, int]:
@@ -147,8 +162,9 @@ class Engram(nn.Module):
         """
         hidden, squeeze = self._check_hidden(hidden_states)
         hash_ids = self._resolve_hash_ids(hidden.shape[:2], input_ids, hash_ids)
-        gated = self._gated_value(hidden, hash_ids, prefetched)
-        out = gated + self.short_conv(gated)
+        out = self._position_wise(hidden, hash_ids, prefetched)
+        if self.short_conv is not None:
+            out = out + self.short_conv(out)
         return out.squeeze(-2) if squeeze else out
 
     def step(
@@ -157,10 +173,11 @@ class Engram(nn.Module):
         hash_ids: torch.Tensor,
         conv_state: torch.Tensor | None = None,
         prefetched: PendingRows | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The residual update Y of positions that continue a sequence, for incremental decoding.
 
         Only the short convolution looks back in time; its state carries the positions before.
+        Without a convolution (``use_conv=False``, OverEncoding) there is no state: it stays ``None``.
 
         Args:
             hidden_states: (B, T, d), or (B, T, M, d), of the new positions.
@@ -171,26 +188,38 @@ class Engram(nn.Module):
 
         Returns:
             ``(Y, conv_state)``: Y equal to the last T positions of ``forward`` over the whole
-            sequence, and the convolution's state after them, (B, M*d, (kernel_size-1)*N).
+            sequence, and the convolution's state after them, (B, M*d, (kernel_size-1)*N), or
+            ``None`` without a convolution.
         """
         hidden, squeeze = self._check_hidden(hidden_states)
         hash_ids = self._resolve_hash_ids(hidden.shape[:2], None, hash_ids)
-        gated = self._gated_value(hidden, hash_ids, prefetched)
-        conv, conv_state = self.short_conv.step(gated, conv_state)
-        out = gated + conv
+        out = self._position_wise(hidden, hash_ids, prefetched)
+        if self.short_conv is not None:
+            conv, conv_state = self.short_conv.step(out, conv_state)
+            out = out + conv
+        elif conv_state is not None:
+            raise ValueError(
+                "this layer has no short convolution (use_conv=False or OverEncoding): pass conv_state=None"
+            )
         return (out.squeeze(-2) if squeeze else out), conv_state
 
-    def _gated_value(
+    def _position_wise(
         self, hidden: torch.Tensor, hash_ids: torch.Tensor, prefetched: PendingRows | None = None
     ) -> torch.Tensor:
-        """v~ (B, T, M, d): the memory's value, gated per branch against the hidden state (B, T, M, d).
+        """Everything before the convolution, (B, T, M, d): v~, or OverEncoding's whole update.
 
-        Position-wise: every position depends only on its own hidden state and row indices.
+        Position-wise: every position depends only on its own hidden state (B, T, M, d) and row indices.
         """
         memory = self.table(hash_ids + self.offsets, prefetched).flatten(-2)  # (B, T, d_mem)
+        if self.value_proj is None:
+            return self._overencoding_update(hidden, memory.to(hidden.dtype))
         # A table may store its rows in another dtype than the layer computes in (a bfloat16 host table).
         memory = memory.to(self.value_proj.weight.dtype)
-        value = self.value_proj(memory)  # (B, T, d)
+        value = self.value_proj(memory).unsqueeze(-2)  # (B, T, 1, d): one value for every branch
+        if self.key_proj is None:  # use_gate=False: alpha = 1, v~ = v in every branch
+            if self.record_gates:
+                self.last_gate = value.new_ones(hidden.shape[:-1])
+            return value.expand(hidden.shape)
         keys = self.key_proj(memory).unflatten(-1, (self.n_branches, self.hidden_size))  # (B, T, M, d)
         score = (self.key_norm(keys) * self.query_norm(hidden)).sum(-1) / math.sqrt(self.hidden_size)
         if self.config.gate_activation == "signed_sqrt":
@@ -198,13 +227,25 @@ class Engram(nn.Module):
         gate = torch.sigmoid(score).unsqueeze(-1)  # (B, T, M, 1)
         if self.record_gates:
             self.last_gate = gate.squeeze(-1).detach()
-        return gate * value.unsqueeze(-2)
+        return gate * value
+
+    def _overencoding_update(self, hidden: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """u = (sum_n e_n - (N-1) h) / N (B, T, M, d), so that h + u = (h + sum_n e_n) / N.
+
+        ``memory`` (B, T, d_mem) holds e_2 .. e_N side by side, each (B, T, d) the K heads of one
+        order (docs/definition.md, "Ablation switches and controls"). At block 0 every branch of
+        ``hidden`` is the token embedding, and h + u is the mean of it and the N-1 n-gram embeddings.
+        """
+        orders = self.config.max_ngram_size
+        ngrams = memory.unflatten(-1, (orders - 1, self.hidden_size)).sum(-2)  # (B, T, d)
+        return (ngrams.unsqueeze(-2) - (orders - 1) * hidden) / orders
 
     # -- validation -----------------------------------------------------------------------------
     def _check_hidden(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if not isinstance(hidden_states, torch.Tensor) or not hidden_states.is_floating_point():
             raise TypeError("hidden_states must be a floating-point tensor")
-        computes_in = self.value_proj.weight.dtype
+        # OverEncoding has no weights besides its table: it computes in the hidden states' dtype.
+        computes_in = hidden_states.dtype if self.value_proj is None else self.value_proj.weight.dtype
         if torch.promote_types(hidden_states.dtype, computes_in) != computes_in:  # e.g. float64 into float32
             raise TypeError(
                 f"hidden_states are {hidden_states.dtype} but this layer computes in {computes_in}; convert one to "

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engram.config import EngramConfig
-from engram.hashing.primes import engram_table_sizes
 from engram.memory.layer import Engram
 from engram.model.config import ModelConfig
 from engram.model.lm import EngramLM
@@ -45,6 +44,23 @@ def _swiglu(d: int, hidden: int) -> int:
     return 3 * d * hidden
 
 
+def _engram_dense(e: EngramConfig, d: int, m: int) -> int:
+    """Parameters of one Engram module besides its table, as its switches build it (hidden size d, M = m).
+
+    docs/definition.md, "Ablation switches and controls": OverEncoding keeps the table alone,
+    ``use_gate=False`` drops the key projections and the key/query norms, ``use_conv=False`` the
+    convolution and its norm.
+    """
+    if e.variant == "overencoding":
+        return 0
+    params = (e.memory_dim + 1) * d  # value projection W_V, b_V
+    if e.use_gate:
+        params += (e.memory_dim + 1) * m * d + 2 * m * d  # W_K^m, b_K^m; the key and query RMSNorms
+    if e.use_conv:
+        params += m * d + m * d * e.kernel_size  # the conv's RMSNorm and depthwise taps (no bias)
+    return params
+
+
 def estimate_parameters(config: ModelConfig, seq_len: int | None = None) -> ParamCounts:
     """Counts from the config alone (no model is built, so any size is cheap).
 
@@ -70,9 +86,8 @@ def estimate_parameters(config: ModelConfig, seq_len: int | None = None) -> Para
             dense += _swiglu(d, config.ffn_hidden)
         if config.engram is not None and layer in config.engram.layer_ids:
             e = config.engram
-            sizes = engram_table_sizes(e.layer_ids, e.max_ngram_size, e.n_head_per_ngram, e.engram_vocab_size)[layer]
-            layer_table = sum(p for order in sizes for p in order) * e.head_dim
-            layer_dense = (e.memory_dim + 1) * d * (1 + m) + 3 * m * d + m * d * e.kernel_size
+            layer_table = math.prod(Engram.table_shape(e, layer))
+            layer_dense = _engram_dense(e, d, m)
             tables += layer_table
             engram_dense += layer_dense
             dense += layer_dense

@@ -69,7 +69,8 @@ class ModelConfig(JsonConfig):
         n_dense_layers: with ``moe``, the first blocks keep a dense FFN (DeepSeek keeps one).
         n_branches: residual branches M; 1 is a plain residual stream, M > 1 uses
             hyper-connections.
-        engram: Engram modules at ``engram.layer_ids`` (0-based block indices) if set.
+        engram: Engram modules at ``engram.layer_ids`` (0-based block indices) if set; its
+            OverEncoding variant needs ``layer_ids == [0]`` and ``n_embed_per_ngram == d_model``.
         max_seq_len: longest sequence (RoPE table size).
         rope_theta: RoPE base.
         tie_embeddings: share the input embedding and the LM head.
@@ -117,6 +118,19 @@ class ModelConfig(JsonConfig):
                     "engram.layer_ids",
                     f"layers {outside} do not exist in a {self.n_layers}-layer model (ids are 0-based)",
                 )
+            if self.engram.variant == "overencoding":  # docs/definition.md, "Ablation switches and controls"
+                if self.engram.layer_ids != [0]:
+                    raise ConfigError(
+                        "engram.layer_ids",
+                        f"OverEncoding averages n-gram embeddings into the token embedding, so it lives in block 0 "
+                        f"alone: set layer_ids to [0], got {self.engram.layer_ids}",
+                    )
+                if self.engram.n_embed_per_ngram != self.d_model:
+                    raise ConfigError(
+                        "engram.n_embed_per_ngram",
+                        f"OverEncoding adds each order's retrieved vector to the embedding: set it to d_model "
+                        f"({self.d_model}), got {self.engram.n_embed_per_ngram}",
+                    )
 
     @property
     def head_dim(self) -> int:
