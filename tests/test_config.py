@@ -80,7 +80,8 @@ def test_unknown_keys_are_named():
     with pytest.raises(ConfigError) as info:
         EngramConfig.from_dict({"n_heads_per_ngram": 4})
     assert str(info.value).startswith(
-        "unknown EngramConfig keys ['n_heads_per_ngram']; valid keys are ['conv_norm_eps', 'conv_zero_init', "
+        "unknown EngramConfig keys ['n_heads_per_ngram']; valid keys are "
+        "['addressing', 'compress_tokens', 'conv_norm_eps', "
     )
     with pytest.raises(ConfigError) as info:
         ModelConfig.from_dict({"vocab_size": 10, "engram": {"n_heads": 4}})

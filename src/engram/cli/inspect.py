@@ -137,7 +137,8 @@ def _print_layer_shapes(
         ("keys", layer.key_proj),
         ("conv", layer.short_conv),
     ]:
-        module.register_forward_hook(record(name))
+        if module is not None:  # the ablation switches leave some modules out
+            module.register_forward_hook(record(name))
     batch_ids = hashes[layer_id]
     hidden_states = torch.empty(*batch_ids.shape[:2], branches, hidden, device="meta")
     out = layer(hidden_states, hash_ids=batch_ids.to("meta"))
@@ -148,10 +149,13 @@ def _print_layer_shapes(
     print(f"hash ids            {tuple(batch_ids.shape)}   (N-1)*K = {config.n_heads} heads")
     print(f"retrieved rows      {shapes['rows']}   {config.head_dim} dims per head")
     print(f"memory e            {(*shapes['rows'][:2], config.memory_dim)}   d_mem = {config.memory_dim}")
-    print(f"value W_V e         {shapes['value']}   shared by all branches")
-    print(f"keys W_K^m e        {(*shapes['keys'][:2], branches, hidden)}   one per branch")
-    print(f"gated value         {(*shapes['value'][:2], branches, hidden)}   sigmoid gate per branch and position")
-    print(f"conv branch         {shapes['conv']}   kernel {config.kernel_size}, dilation {config.max_ngram_size}")
+    if "value" in shapes:
+        print(f"value W_V e         {shapes['value']}   shared by all branches")
+    if "keys" in shapes:
+        print(f"keys W_K^m e        {(*shapes['keys'][:2], branches, hidden)}   one per branch")
+        print(f"gated value         {(*shapes['value'][:2], branches, hidden)}   sigmoid gate per branch and position")
+    if "conv" in shapes:
+        print(f"conv branch         {shapes['conv']}   kernel {config.kernel_size}, dilation {config.max_ngram_size}")
     print(f"output Y            {tuple(out.shape)}   added to the residual stream before attention")
     print(
         f"parameters          table {layer.table.num_rows:,} rows x {layer.table.dim} = {table_params:,}; "
