@@ -1,4 +1,5 @@
-"""Pictures of a comparison: loss curves of several runs, and Engram gate values per token."""
+"""Pictures of a comparison: loss curves of several runs, Engram gate values per token, and the analyses of
+engram.eval.analysis (CKA between two models, LogitLens KL per layer, Engram-off loss by token class)."""
 
 from __future__ import annotations
 
@@ -83,5 +84,95 @@ def plot_gate_heatmap(
     fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.02, pad=0.01, label="gate")
     path = Path(path)
     fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_cka_heatmap(
+    matrix: np.ndarray, path: str | Path, row_name: str = "model A", column_name: str = "model B", title: str = ""
+) -> Path:
+    """Linear CKA (0..1) between the hidden states of two models: ``matrix`` (L_a + 1, L_b + 1).
+
+    Row i is hidden state i of ``row_name`` (0 the embedding, i block i's output), column j that of
+    ``column_name``; drawn with layer 0 at the bottom left.
+    """
+    plt = _pyplot()
+    matrix = np.asarray(matrix)
+    size = (max(4.5, 1.8 + 0.5 * matrix.shape[1]), max(3.5, 1.2 + 0.5 * matrix.shape[0]))
+    fig, ax = plt.subplots(figsize=size, dpi=120)
+    image = ax.imshow(matrix, origin="lower", cmap="magma", vmin=0.0, vmax=1.0)
+    for i in range(matrix.shape[0]):  # the value itself, so the picture reads without the colour bar
+        for j in range(matrix.shape[1]):
+            color = "white" if matrix[i, j] < 0.6 else "black"
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6, color=color)
+    ax.set_xticks(range(matrix.shape[1]))
+    ax.set_yticks(range(matrix.shape[0]))
+    ax.set_xlabel(f"{column_name}: layer (0 = embedding)")
+    ax.set_ylabel(f"{row_name}: layer (0 = embedding)")
+    ax.set_title(title or f"linear CKA, {row_name} vs {column_name}")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="CKA")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_logit_lens(
+    curves: dict[str, Sequence[float]], path: str | Path, title: str = "LogitLens: KL to the final distribution"
+) -> Path:
+    """Mean KL(p_layer || p_final) in nats against layer (0 = embedding), one line per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for name, kl in curves.items():
+        ax.plot(range(len(kl)), kl, marker="o", linewidth=1.8, label=name)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("layer (0 = embedding)")
+    ax.set_ylabel("KL(layer || final) (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_sensitivity(
+    classes: dict[str, dict[str, Any]], path: str | Path, title: str = "Loss with Engram on and off by token class"
+) -> Path:
+    """Mean loss with Engram on and off per token class, each pair labelled with the class's positions
+    and its share of the loss increase.
+
+    Args:
+        classes: ``sensitivity_by_class(...)["classes"]``: per class ``positions``, ``loss_on``,
+            ``loss_off`` and ``share_of_increase`` (empty classes, with None means, are drawn empty).
+    """
+    plt = _pyplot()
+    names = list(classes)
+    on = [classes[name]["loss_on"] or 0.0 for name in names]
+    off = [classes[name]["loss_off"] or 0.0 for name in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    ax.bar(x - 0.2, on, width=0.4, label="Engram on", color="C0")
+    bars = ax.bar(x + 0.2, off, width=0.4, label="Engram off", color="C3")
+    # The difference is often small next to the losses themselves: print it over each pair.
+    deltas = [classes[name]["delta"] for name in names]
+    ax.bar_label(bars, ["" if d is None else f"{d:+.3f}" for d in deltas], fontsize=8, padding=2)
+    labels = []
+    for name in names:
+        share = classes[name]["share_of_increase"]
+        share = "" if share is None else f", {100 * share:.0f}% of the increase"
+        labels.append(f"{name}\n{classes[name]['positions']:,} positions{share}")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("mean loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
     plt.close(fig)
     return path

@@ -40,11 +40,17 @@ from engram.storage.prefetch import PendingRows
 
 @dataclass
 class LMOutput:
-    """logits (B, T, V); loss: mean next-token cross-entropy if targets were given; aux_loss: MoE balance loss."""
+    """logits (B, T, V); loss: mean next-token cross-entropy if targets were given; aux_loss: MoE balance loss.
+
+    hidden_states (with ``output_hidden_states=True``): n_layers + 1 tensors (B, T, d), the embedding
+    output (before M > 1 residual branches copy it) and the output of each block (its M branches
+    summed, as before the final norm), so ``head(norm(hidden_states[-1]))`` are the logits.
+    """
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -280,6 +286,7 @@ class EngramLM(nn.Module):
         hash_ids: dict[int, torch.Tensor] | None = None,
         engram_enabled: bool = True,
         state: DecodeState | None = None,
+        output_hidden_states: bool = False,
     ) -> LMOutput:
         """Logits over model ids (and loss) for ``input_ids`` (B, T).
 
@@ -295,6 +302,8 @@ class EngramLM(nn.Module):
                 last T positions of a forward pass over the whole sequences. Engram's row indices
                 come from the indexer and the state's history (pass no ``hash_ids``); keep
                 ``engram_enabled`` the same for the whole sequence. For inference (no gradient).
+            output_hidden_states: also return the embedding output and every block's output
+                (``LMOutput.hidden_states``), for analysis.
         """
         input_ids = as_id_tensor(input_ids, "input_ids", ndim=2)
         if 0 in input_ids.shape:
@@ -314,6 +323,7 @@ class EngramLM(nn.Module):
             raise ValueError(f"hash_ids lacks Engram layers {missing}")
 
         h = self.embed(self.to_model_ids(input_ids))  # (B, T, d)
+        hidden_states = [h] if output_hidden_states else None
         if self.config.n_branches > 1:
             h = h.unsqueeze(2).expand(-1, -1, self.config.n_branches, -1)  # (B, T, M, d)
         # Row indices depend on the ids only: start every Engram layer's table reads now, so tables off
@@ -322,6 +332,8 @@ class EngramLM(nn.Module):
         caches = [None] * len(self.blocks) if state is None else state.blocks
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):
             h = block(h, hash_ids[i] if i in engrams else None, cache, prefetched.get(i))
+            if hidden_states is not None:
+                hidden_states.append(h.sum(dim=2) if self.config.n_branches > 1 else h)
         if self.config.n_branches > 1:
             h = h.sum(dim=2)
         logits = self.head(self.norm(h))
@@ -336,4 +348,5 @@ class EngramLM(nn.Module):
             targets = self.to_model_ids(targets)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         aux = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
-        return LMOutput(logits, loss, torch.stack(aux).sum() if aux else None)
+        aux_loss = torch.stack(aux).sum() if aux else None
+        return LMOutput(logits, loss, aux_loss, None if hidden_states is None else tuple(hidden_states))
