@@ -156,6 +156,12 @@ def _run(args: argparse.Namespace, out: Path, train: TrainConfig, started: float
     gates = plot_gate_heatmap(panels, out / "gate_heatmap.png", "Engram gate per token and branch (layer 1)")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _print_table(results, train)
+    print(
+        f"\nThe two models differ in more than memory ({allocation.moe.moe.n_routed_experts} vs "
+        f"{allocation.engram.moe.n_routed_experts} routed experts, {100 * allocation.active_mismatch:+.1f}% active "
+        "parameters) and this is one seed: the controlled comparison is `engram experiment run iso-parameter` "
+        "(docs/results.md)."
+    )
     print(f"\nfiles: {curves}, {gates}, {out / 'results.json'}; runs in {out}/moe and {out}/engram-moe")
     print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0
