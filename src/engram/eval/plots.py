@@ -19,6 +19,20 @@ def _pyplot():
     return plt
 
 
+def _finish(fig: Any, ax: Any, title: str, path: str | Path, grid: str | None = "both", legend: bool = True) -> Path:
+    """Title, grid and legend of a one-axes figure; save it to ``path`` and free it."""
+    ax.set_title(title)
+    if grid is not None:
+        ax.grid(alpha=0.3, axis=grid)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_loss_comparison(runs: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> Path:
     """Training loss (thin) and validation loss (markers) of each run against step."""
     plt = _pyplot()
@@ -36,14 +50,7 @@ def plot_loss_comparison(runs: dict[str, list[dict[str, Any]]], path: str | Path
             ax.plot(*zip(*off, strict=True), color=color, marker="x", linestyle=":", label=f"{name}, Engram off")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, title, path)
 
 
 def plot_gate_heatmap(
@@ -109,13 +116,8 @@ def plot_cka_heatmap(
     ax.set_yticks(range(matrix.shape[0]))
     ax.set_xlabel(f"{column_name}: layer (0 = embedding)")
     ax.set_ylabel(f"{row_name}: layer (0 = embedding)")
-    ax.set_title(title or f"linear CKA, {row_name} vs {column_name}")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="CKA")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, title or f"linear CKA, {row_name} vs {column_name}", path, grid=None, legend=False)
 
 
 def plot_logit_lens(
@@ -129,14 +131,7 @@ def plot_logit_lens(
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("layer (0 = embedding)")
     ax.set_ylabel("KL(layer || final) (nats)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, title, path)
 
 
 def plot_sensitivity(
@@ -168,11 +163,53 @@ def plot_sensitivity(
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=8)
     ax.set_ylabel("mean loss (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, title, path, grid="y")
+
+
+def plot_seed_summary(
+    entries: Sequence[dict[str, Any]],
+    path: str | Path,
+    ylabel: str,
+    title: str = "",
+    x_label: str = "",
+    log_x: bool = False,
+) -> Path:
+    """Mean and ±1 standard deviation over seeds of one metric per model variant.
+
+    Args:
+        entries: per variant ``name``, ``mean``, ``std`` (None for one seed) and ``x`` (None or a
+            number). Variants with ``x`` are drawn as a line against it, the others as dashed
+            reference levels with their band; without any ``x``, every variant is a bar.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(entries) + 2), 4.2), dpi=120)
+    positioned = sorted((e for e in entries if e["x"] is not None), key=lambda e: e["x"])
+    if positioned:
+        ax.errorbar(
+            [e["x"] for e in positioned],
+            [e["mean"] for e in positioned],
+            yerr=[e["std"] or 0.0 for e in positioned],
+            marker="o",
+            capsize=4,
+            color="C0",
+            label="variants",
+        )
+        references = [e for e in entries if e["x"] is None]
+        for color, entry in enumerate(references, start=1):
+            ax.axhline(entry["mean"], linestyle="--", linewidth=1, color=f"C{color}", label=entry["name"])
+            if entry["std"]:
+                low, high = entry["mean"] - entry["std"], entry["mean"] + entry["std"]
+                ax.axhspan(low, high, alpha=0.12, color=f"C{color}")
+        ax.set_xlabel(x_label or "x")
+        if log_x:
+            ax.set_xscale("log")
+    else:
+        means, stds = [e["mean"] for e in entries], [e["std"] or 0.0 for e in entries]
+        ax.bar(range(len(entries)), means, yerr=stds, capsize=4, color="C0", alpha=0.8)
+        ax.set_xticks(range(len(entries)), [e["name"] for e in entries], rotation=30, ha="right", fontsize=8)
+        low = min(m - s for m, s in zip(means, stds, strict=True))
+        high = max(m + s for m, s in zip(means, stds, strict=True))
+        margin = 0.1 * (high - low) + 1e-3  # differences are small next to the losses: zoom in on them
+        ax.set_ylim(low - margin, high + margin)
+    ax.set_ylabel(ylabel)
+    return _finish(fig, ax, title, path, legend=bool(positioned))

@@ -17,8 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from engram.eval.plots import plot_seed_summary
 from engram.research.experiment import Experiment
 from engram.research.runner import FINAL_FILE, RunStatus
 
@@ -185,43 +184,16 @@ def markdown(summary: dict[str, Any]) -> str:
 
 def plot(summary: dict[str, Any], path: Path, experiment: Experiment, metric: str = "test_loss") -> Path:
     """Mean ``metric`` with ±1 standard deviation over seeds: against x where variants set it, else bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    entries = [v for v in summary["variants"] if metric in v["metrics"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(entries) + 2), 4.2))
-    positioned = [v for v in entries if v["x"] is not None]
-    if positioned:
-        xs = np.array([v["x"] for v in positioned], dtype=float)
-        order = np.argsort(xs)
-        means = np.array([v["metrics"][metric]["mean"] for v in positioned])[order]
-        stds = np.array([v["metrics"][metric]["std"] or 0.0 for v in positioned])[order]
-        ax.errorbar(xs[order], means, yerr=stds, marker="o", capsize=4, label=metric.replace("_", " "))
-        for v in (v for v in entries if v["x"] is None):  # reference lines for the variants without x
-            stats = v["metrics"][metric]
-            line = ax.axhline(stats["mean"], linestyle="--", linewidth=1, label=v["name"])
-            if stats["std"]:
-                ax.axhspan(
-                    stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.12, color=line.get_color()
-                )
-        ax.set_xlabel(experiment.x_label or "x")
-        if experiment.log_x:
-            ax.set_xscale("log")
-        ax.legend(fontsize=8)
-    else:
-        means = [v["metrics"][metric]["mean"] for v in entries]
-        stds = [v["metrics"][metric]["std"] or 0.0 for v in entries]
-        ax.bar(range(len(entries)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-        ax.set_xticks(range(len(entries)), [v["name"] for v in entries], rotation=30, ha="right", fontsize=8)
-        low = min(m - s for m, s in zip(means, stds, strict=True))
-        high = max(m + s for m, s in zip(means, stds, strict=True))
-        ax.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (nats/token), mean ± std over seeds")
-    ax.set_title(f"{experiment.name}: {summary['runs_complete']} of {summary['runs_planned']} runs", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    entries = [
+        {"name": v["name"], "x": v["x"], "mean": v["metrics"][metric]["mean"], "std": v["metrics"][metric]["std"]}
+        for v in summary["variants"]
+        if metric in v["metrics"]
+    ]
+    return plot_seed_summary(
+        entries,
+        path,
+        ylabel=f"{metric.replace('_', ' ')} (nats/token), mean ± std over seeds",
+        title=f"{experiment.name}: {summary['runs_complete']} of {summary['runs_planned']} runs",
+        x_label=experiment.x_label,
+        log_x=experiment.log_x,
+    )
