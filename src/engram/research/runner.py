@@ -138,7 +138,14 @@ def run_experiment(
         )
         threads = max(1, experiment.train.threads)
         jobs = jobs or max(1, (os.cpu_count() or 1) // threads)
-        return _execute(pending, data_dir, jobs, log)
+        started = time.perf_counter()
+        failed = _execute(pending, data_dir, jobs, log)
+        minutes = (time.perf_counter() - started) / 60
+        log(
+            f"{experiment.name}: {len(pending) - failed} runs trained in {minutes:.1f} min, "
+            f"{jobs} at a time; {failed} failed"
+        )
+        return failed
 
 
 def _execute(pending: list[RunStatus], data_dir: Path, jobs: int, log: Callable[[str], None]) -> int:
