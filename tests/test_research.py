@@ -5,7 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -234,3 +239,53 @@ def test_quick_experiment_runs_skips_and_resumes(tmp_path):
     assert refused.returncode == 2 and "holds a run of another spec" in refused.stderr
     shutil.rmtree(folder / "engram")
     assert not (folder / "engram").exists()
+
+
+def test_sigterm_stops_every_run_with_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    work = make_workspace(tmp_path)
+    steps = 300
+    exp = Experiment.from_dict(
+        {
+            **experiment().to_dict(),
+            "name": "long",
+            "variants": [{"name": "moe"}, {"name": "engram", "rho": 0.8}],
+            "seeds": [0],
+            "data": str(work["data"]),
+            "tokenizer": str(work["tokenizer"]),
+            "train": {**experiment().train.to_dict(), "steps": steps, "log_every": 1, "checkpoint_every": 0},
+        }
+    )
+    path = tmp_path / "long.json"
+    path.write_text(exp.to_json())
+    out = tmp_path / "out"
+    env = {**os.environ, "ENGRAM_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "engram.cli.main", "experiment", "run", str(path), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    runs = [out / "long" / variant / "seed0" for variant in ("moe", "engram")]
+    deadline = time.monotonic() + 120
+    while not all((r / "metrics.jsonl").is_file() and (r / "metrics.jsonl").stat().st_size for r in runs):
+        assert runner.poll() is None, runner.communicate()[0]
+        assert time.monotonic() < deadline, "the runs did not start training within 120 s"
+        time.sleep(0.1)
+    runner.send_signal(signal.SIGTERM)
+    output, _ = runner.communicate(timeout=120)
+    assert runner.returncode == 130, output
+    assert "every running run finishes its step and saves a checkpoint" in output
+    for run_dir in runs:
+        assert not (run_dir / "final.json").exists()
+        saved = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")]
+        assert len(saved) == 1 and 0 < saved[0] < steps, saved  # the checkpoint of the step it stopped after
+
+    again = run_engram("experiment", "run", path, "--out", out, cache=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 runs, 0 complete, 2 to train" in again.stdout
+    for run_dir in runs:
+        assert json.loads((run_dir / "final.json").read_text())["step"] == steps
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        logged = [r["step"] for r in records if "loss" in r]  # training records, not evaluations
+        assert logged == list(range(1, steps + 1))  # every step once: resumed, not started over

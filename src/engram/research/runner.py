@@ -154,10 +154,14 @@ def _execute(pending: list[RunStatus], data_dir: Path, jobs: int, log: Callable[
     queue = list(pending)
     failed = started = 0
 
-    def forward_sigterm(signum: int, frame: object) -> None:
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        # Ctrl-C reaches the workers by the terminal's process group; SIGTERM to the runner alone
+        # is passed on here. Each worker signalled once finishes its step and saves a checkpoint.
+        for process in running:
+            process.send_signal(signal.SIGTERM)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         while queue or running:
             while queue and len(running) < jobs:
@@ -178,9 +182,6 @@ def _execute(pending: list[RunStatus], data_dir: Path, jobs: int, log: Callable[
                     )
             time.sleep(0.2)
     except KeyboardInterrupt:
-        # The workers share the terminal's process group, so Ctrl-C reached them too; SIGTERM did not.
-        for process in running:
-            process.send_signal(signal.SIGTERM)
         log("stopping: every running run finishes its step and saves a checkpoint ...")
         for process in running:
             process.wait()
