@@ -93,6 +93,12 @@ def _write_json(data: dict[str, Any], path: Path) -> None:
     os.replace(tmp.name, path)
 
 
+def _run_name(run_dir: Path) -> str:
+    """The run's folder name, with its parent's for the seed folders of experiments (``engram/seed0``)."""
+    run_dir = run_dir.resolve()
+    return f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.startswith("seed") else run_dir.name
+
+
 def _summary(name: str, result: dict[str, Any]) -> list[str]:
     lines = [f"{name}: LogitLens KL per layer (nats) " + " ".join(f"{kl:.3f}" for kl in result["logit_lens_kl"])]
     sensitivity = result["sensitivity"]
@@ -117,14 +123,14 @@ def _summary(name: str, result: dict[str, Any]) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     model, spec, tokenizer, dataset = load_run(args.run_dir, args.device)
-    runs = [(args.run_dir.name, args.run_dir, model)]
+    runs = [(_run_name(args.run_dir), args.run_dir, model)]
     if args.compare is not None:
         other, _, other_tokenizer, _ = load_run(args.compare, args.device)
         if other_tokenizer.fingerprint != tokenizer.fingerprint:
             raise ValueError(
                 f"{args.compare} uses another tokenizer than {args.run_dir}: both models must read the same token ids"
             )
-        name = args.compare.name if args.compare.name != args.run_dir.name else str(args.compare)
+        name = _run_name(args.compare) if _run_name(args.compare) != runs[0][0] else str(args.compare)
         runs.append((name, args.compare, other))
     # Both models see the same windows of RUN's data, and the n-gram classes come from RUN's training split.
     seq_len = min(spec.train.seq_len, *(m.config.max_seq_len for _, _, m in runs))
