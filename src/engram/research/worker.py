@@ -24,6 +24,7 @@ from engram._files import FolderInUseError
 from engram.data import TokenDataset
 from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.accounting import count_parameters
+from engram.model.lm import EngramLM
 from engram.research.runner import FINAL_FILE, PLAN_FILE
 from engram.training.errors import NonFiniteError, TrainingInterrupted
 from engram.training.metrics import MetricsLog
@@ -33,7 +34,9 @@ from engram.training.run import RunSpec, start_run
 EVAL_BATCH_SIZE = 64
 
 
-def final_evaluation(model: Any, spec: RunSpec, dataset: Any, byte_lengths: np.ndarray) -> dict[str, float]:
+def final_evaluation(
+    model: EngramLM, spec: RunSpec, dataset: TokenDataset, byte_lengths: np.ndarray
+) -> dict[str, float]:
     """Loss and bits per byte of ``model`` on the whole validation and test splits, Engram on and off.
 
     Keys ``{split}_loss``, ``{split}_bpb``, ``{split}_tokens`` and, for models with Engram,
