@@ -127,6 +127,18 @@ def test_params_counts_and_allocates(tmp_path):
     assert written == expected.engram
     assert f"total mismatch {100 * expected.total_mismatch:+.3f}%" in result.stdout
 
+    args = ["params", "--config", "configs/moe-small.json", "--rho", "0.8", "--engram", "configs/engram-layers.json"]
+    matched = _engram(*args, "--match", "total_and_active", "--out", str(out))
+    assert matched.returncode == 0, matched.stderr
+    both = allocate(
+        ModelConfig.load(REPO / "configs" / "moe-small.json"),
+        0.8,
+        EngramConfig.from_json((REPO / "configs" / "engram-layers.json").read_text()),
+        match="total_and_active",
+    )
+    assert ModelConfig.load(out) == both.engram and abs(both.active_mismatch) < 1e-3
+    assert f"dense FFN width (pays for the Engram projections): 688 -> {both.engram.ffn_hidden}" in matched.stdout
+
     missing = _engram("params", "--config", "configs/moe-small.json", "--rho", "0.8")
     assert missing.returncode == 2 and "--rho needs --engram" in missing.stderr
     dense = _engram(

@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     if allocation.engram.engram is not None:
         print(f"Engram base table sizes: {allocation.engram.engram.engram_vocab_size}")
     if allocation.engram.ffn_hidden != config.ffn_hidden:
-        print(f"dense FFN width (pays for the Engram projections): {config.ffn_hidden} -> {allocation.engram.ffn_hidden}")
+        narrowed = f"{config.ffn_hidden} -> {allocation.engram.ffn_hidden}"
+        print(f"dense FFN width (pays for the Engram projections): {narrowed}")
     total, active = 100 * allocation.total_mismatch, 100 * allocation.active_mismatch
     print(f"total mismatch {total:+.3f}%, active mismatch {active:+.3f}%")
     if args.out is not None:
