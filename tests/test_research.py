@@ -113,6 +113,7 @@ def test_overencoding_gets_the_table_parameters_of_the_engram_model():
         ({"variants": [{"name": "moe", "tables": False}]}, "tables=false removes the tables of an allocation"),
         ({"variants": [{"name": "a b"}], "baseline": "a b"}, "letters, digits"),
         ({"seeds": [1, 1]}, "seeds: must be distinct"),
+        ({"comparisons": [["moe", "nope"]]}, "comparisons: each must be two variant names"),
     ],
 )
 def test_bad_experiments_are_refused_with_the_key(changes, message):
@@ -166,7 +167,10 @@ def _record(variant: str, seed: int, loss: float) -> dict:
 
 
 def test_summary_pairs_runs_by_seed():
-    exp = experiment(variants=[{"name": "moe"}, {"name": "engram", "rho": 0.8}, {"name": "noisy", "rho": 0.9}])
+    exp = experiment(
+        variants=[{"name": "moe"}, {"name": "engram", "rho": 0.8}, {"name": "noisy", "rho": 0.9}],
+        comparisons=[["noisy", "engram"]],
+    )
     records = [
         _record("moe", 0, 5.0), _record("moe", 1, 5.2), _record("moe", 2, 5.1),
         _record("engram", 0, 4.9), _record("engram", 1, 5.08), _record("engram", 2, 5.01),
@@ -184,7 +188,11 @@ def test_summary_pairs_runs_by_seed():
     assert noisy["paired"]["val_loss"]["mean"] == pytest.approx(((4.5 - 5.0) + (5.6 - 5.2)) / 2, abs=1e-12)
     assert not noisy["paired"]["val_loss"]["resolved"]
     assert summary["variants"][0]["paired"] == {} and summary["runs_complete"] == 8
+    (comparison,) = summary["comparisons"]
+    assert comparison["a"] == "noisy" and comparison["b"] == "engram"
+    assert comparison["paired"]["test_loss"]["mean"] == pytest.approx(((4.5 - 4.9) + (5.6 - 5.08)) / 2, abs=1e-12)
     table = markdown(summary)
+    assert "| `noisy` − `engram` | 2 | +0.0600 ± 5.8448 | +0.0600 ± 5.8448 | - |" in table
     assert "| `engram` | 10 | 5 | 0 | 3 | 4.9967 ± 0.0907 | -0.1033 ± 0.0379 * |" in table
 
 

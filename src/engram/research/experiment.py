@@ -91,6 +91,8 @@ class Experiment(JsonConfig):
         seeds: one run of every variant per seed.
         data: ``"shakespeare"`` (bundled), ``"wikipedia"``, or a prepared dataset folder.
         tokenizer: a ``tokenizer.json`` path for every run; ``None``: DeepSeek-V3 (bundled).
+        comparisons: pairs of variant names ``[a, b]`` whose paired difference a - b the report
+            gives besides every variant's difference to the baseline (e.g. a model against its control).
         x_label, log_x: the plot's x axis, for variants that set ``x``.
     """
 
@@ -104,6 +106,7 @@ class Experiment(JsonConfig):
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data: str = "shakespeare"
     tokenizer: str | None = None
+    comparisons: list[list[str]] = field(default_factory=list)
     x_label: str = ""
     log_x: bool = False
 
@@ -119,6 +122,9 @@ class Experiment(JsonConfig):
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError("seeds", f"must be distinct and at least one, got {self.seeds}")
         require(self, "seeds", ge=0, le=2**32 - 1)
+        for pair in self.comparisons:
+            if len(pair) != 2 or any(name not in names for name in pair):
+                raise ConfigError("comparisons", f"each must be two variant names of {names}, got {pair}")
 
     def variant(self, name: str) -> Variant:
         for variant in self.variants:

@@ -83,12 +83,14 @@ def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str
             if not values:
                 continue
             entry["metrics"][metric] = describe(values)
-            shared = sorted(seed for seed in runs if baseline.get(seed, {}).get(metric) is not None)
-            if variant.name != experiment.baseline and shared and metric in runs[shared[0]]:
-                diff = describe([runs[s][metric] - baseline[s][metric] for s in shared])
-                diff["resolved"] = diff["ci95"] is not None and abs(diff["mean"]) > diff["ci95"]
+            diff = paired_difference(runs, baseline, metric)
+            if variant.name != experiment.baseline and diff is not None:
                 entry["paired"][metric] = diff
         variants.append(entry)
+    comparisons = []
+    for a, b in experiment.comparisons:
+        diffs = {m: paired_difference(by_variant.get(a, {}), by_variant.get(b, {}), m) for m in METRICS}
+        comparisons.append({"a": a, "b": b, "paired": {m: d for m, d in diffs.items() if d is not None}})
     planned = len(experiment.variants) * len(experiment.seeds)
     return {
         "experiment": experiment.name,
@@ -98,7 +100,22 @@ def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str
         "runs_complete": len(records),
         "runs_planned": planned,
         "variants": variants,
+        "comparisons": comparisons,
     }
+
+
+def paired_difference(
+    runs: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]], metric: str
+) -> dict[str, Any] | None:
+    """``describe`` of run - reference over the seeds both have ``metric`` for, with ``resolved``; None if none."""
+    shared = [
+        s for s in sorted(runs) if runs[s].get(metric) is not None and reference.get(s, {}).get(metric) is not None
+    ]
+    if not shared:
+        return None
+    diff = describe([runs[s][metric] - reference[s][metric] for s in shared])
+    diff["resolved"] = diff["ci95"] is not None and abs(diff["mean"]) > diff["ci95"]
+    return diff
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -179,6 +196,24 @@ def markdown(summary: dict[str, Any]) -> str:
             _pm(m.get("test_loss_engram_off")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if summary["comparisons"]:
+        lines += [
+            "",
+            "Paired differences between variants (first minus second, mean ± 95% interval over the seeds both "
+            "finished, * = interval excludes 0):",
+            "",
+            "| comparison | seeds | Δ val loss | Δ test loss | Δ test bpb |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for c in summary["comparisons"]:
+            p = c["paired"]
+            seeds = p["test_loss"]["n"] if "test_loss" in p else 0
+            cells = [
+                f"`{c['a']}` − `{c['b']}`",
+                str(seeds),
+                *(_diff(p.get(m)) for m in ("val_loss", "test_loss", "test_bpb")),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
