@@ -20,6 +20,7 @@ from engram.hashing.indexer import engram_head_sizes
 from engram.hashing.primes import engram_table_sizes
 from engram.model import EngramLM, ModelConfig, MoEConfig
 from engram.model.accounting import count_parameters, estimate_parameters
+from tests.test_layer import _hash_ids
 
 SMALL = dict(
     layer_ids=[1, 4], max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=8, engram_vocab_size=[31, 37], pad_id=0
@@ -49,11 +50,6 @@ def _layer(n_branches: int = 2, hidden: int = 6, compressor=None, **switches) ->
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return layer
-
-
-def _hash_ids(layer: Engram, batch: int, length: int) -> torch.Tensor:
-    hasher = NgramHasher(layer.config.layer_ids, 3, 2, layer.config.engram_vocab_size, 90, pad_id=0)
-    return hasher.hash(torch.randint(0, 90, (batch, length)), layer.layer_id)
 
 
 def _rows(layer: Engram, hash_ids: torch.Tensor) -> torch.Tensor:
