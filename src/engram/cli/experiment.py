@@ -9,7 +9,7 @@ from engram._json_config import option_type
 from engram.model.accounting import estimate_parameters
 from engram.research.experiment import Experiment, bundled_experiments, load_experiment
 from engram.research.report import collect, summarize, write_report
-from engram.research.runner import experiment_folder, plan_runs, prepare_data, run_experiment
+from engram.research.runner import data_folder, experiment_folder, plan_runs, prepare_data, run_experiment
 
 DEFAULT_OUT = Path("runs/experiments")
 
@@ -70,7 +70,7 @@ def _show(args: argparse.Namespace) -> int:
             how += f", {variant.memory}"
         print(f"{variant.name:28}{counts.total:>12,}{counts.active:>12,}{counts.engram_tables:>12,}  {how}")
     folder = experiment_folder(experiment, args.out, args.quick)
-    data = args.out / "data" / experiment.data
+    data = data_folder(experiment, args.out)
     if (data / "manifest.json").is_file():
         statuses = plan_runs(experiment, args.out, data, args.quick)
         done = sum(s.complete for s in statuses)

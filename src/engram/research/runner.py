@@ -49,13 +49,17 @@ def experiment_folder(experiment: Experiment, out: Path, quick: bool = False) ->
     return out / (experiment.name + ("-quick" if quick else ""))
 
 
+def data_folder(experiment: Experiment, out: Path) -> Path:
+    """Where the experiment's dataset is: ``out/data/<corpus>`` for a named corpus, else the given folder."""
+    return out / "data" / experiment.data if experiment.data in CORPORA else Path(experiment.data)
+
+
 def prepare_data(experiment: Experiment, out: Path, log: Callable[[str], None] = print) -> Path:
     """The experiment's dataset folder: a corpus prepared once under ``out/data``, or the given folder."""
+    path = data_folder(experiment, out)
     if experiment.data not in CORPORA:
-        path = Path(experiment.data)
         TokenDataset(path)  # a prepared dataset folder, verified; the error names what is wrong
         return path
-    path = out / "data" / experiment.data
     if not (path / "manifest.json").is_file():
         log(f"preparing the {experiment.data} corpus in {path} ...")
         prepare_dataset(experiment.data, path, CompressedTokenizer(experiment.tokenizer), splits=SPLITS)
