@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from engram import EngramConfig
@@ -194,6 +195,32 @@ def test_summary_pairs_runs_by_seed():
     table = markdown(summary)
     assert "| `noisy` − `engram` | 2 | +0.0600 ± 5.8448 | +0.0600 ± 5.8448 | - |" in table
     assert "| `engram` | 10 | 5 | 0 | 3 | 4.9967 ± 0.0907 | -0.1033 ± 0.0379 * |" in table
+
+
+def test_sweep_slope_is_fitted_per_seed_against_log_x():
+    sizes = [100, 1000, 10000, 100000]
+    exp = experiment(
+        variants=[{"name": "moe"}] + [{"name": f"rows-{n}", "rho": 0.8, "x": n} for n in sizes],
+    )
+    exp = dataclasses.replace(exp, seeds=[0, 1, 2], log_x=True)
+    rng = np.random.default_rng(0)
+    losses = {(n, s): 6.0 - (0.10 + 0.01 * s) * math.log10(n) + rng.normal(0, 0.01) for n in sizes for s in range(3)}
+    records = [_record("moe", s, 6.0) for s in range(3)]
+    records += [_record(f"rows-{n}", s, losses[n, s]) for n in sizes for s in range(3)]
+    records = [r for r in records if (r["variant"], r["seed"]) != ("rows-100", 2)]  # seed 2 fits on 3 sizes
+    trend = summarize(exp, records)["trend"]["val_loss"]
+    expected = [
+        np.polyfit(np.log10([n for n in sizes if (n, s) != (100, 2)]),
+                   [losses[n, s] for n in sizes if (n, s) != (100, 2)], 1)[0]
+        for s in range(3)
+    ]  # fmt: skip
+    assert trend["n"] == 3 and trend["mean"] == pytest.approx(np.mean(expected), abs=1e-12)
+    assert trend["std"] == pytest.approx(np.std(expected, ddof=1), abs=1e-12)
+    assert trend["resolved"]  # slopes near -0.10, -0.11, -0.12: clearly below 0
+    assert "Least-squares slope over the swept variants, per decade of x" in markdown(summarize(exp, records))
+    # With two sizes there is no line to fit, and an experiment without x has no trend.
+    two = [r for r in records if r["variant"] in ("moe", "rows-100", "rows-1000")]
+    assert summarize(exp, two)["trend"] == {}
 
 
 # -- end to end ------------------------------------------------------------------------------------

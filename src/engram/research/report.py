@@ -5,6 +5,10 @@ of the mean (Student's t). For every variant against the baseline: the paired di
 (variant - baseline, run by run over the seeds both have finished; the two runs of a seed saw the
 same batches) with its own standard deviation and 95% interval. A difference is *resolved* when its
 interval excludes zero, which needs at least two seeds.
+
+For a sweep (variants that set ``x``): the least-squares slope of each metric against x (against
+log10 x when the experiment plots x on a log scale), fitted per seed over that seed's runs and then
+described over seeds like any other number, so the interval carries the seed spread of the slope.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engram.eval.plots import plot_seed_summary
-from engram.research.experiment import Experiment
+from engram.research.experiment import Experiment, Variant
 from engram.research.runner import FINAL_FILE, RunStatus
 
 # The metrics compared in the report, lower is better for each.
@@ -92,6 +96,8 @@ def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str
         diffs = {m: paired_difference(by_variant.get(a, {}), by_variant.get(b, {}), m) for m in METRICS}
         comparisons.append({"a": a, "b": b, "paired": {m: d for m, d in diffs.items() if d is not None}})
     planned = len(experiment.variants) * len(experiment.seeds)
+    swept = [v for v in experiment.variants if v.x is not None]
+    trend = {m: slope_over_seeds(swept, by_variant, m, experiment.log_x) for m in METRICS}
     return {
         "experiment": experiment.name,
         "question": experiment.question,
@@ -101,6 +107,8 @@ def summarize(experiment: Experiment, records: list[dict[str, Any]]) -> dict[str
         "runs_planned": planned,
         "variants": variants,
         "comparisons": comparisons,
+        "log_x": experiment.log_x,
+        "trend": {m: t for m, t in trend.items() if t is not None},
     }
 
 
@@ -116,6 +124,32 @@ def paired_difference(
     diff = describe([runs[s][metric] - reference[s][metric] for s in shared])
     diff["resolved"] = diff["ci95"] is not None and abs(diff["mean"]) > diff["ci95"]
     return diff
+
+
+def slope_over_seeds(
+    swept: list[Variant], by_variant: dict[str, dict[int, dict[str, Any]]], metric: str, log_x: bool
+) -> dict[str, Any] | None:
+    """``describe`` of the per-seed least-squares slope of ``metric`` against x (or log10 x), with
+    ``resolved``; None unless some seed has ``metric`` at three or more distinct x."""
+    slopes = []
+    seeds = sorted({s for v in swept for s in by_variant.get(v.name, {})})
+    for seed in seeds:
+        points = [
+            (math.log10(v.x) if log_x else float(v.x), by_variant[v.name][seed][metric])
+            for v in swept
+            if by_variant.get(v.name, {}).get(seed, {}).get(metric) is not None
+        ]
+        if len({x for x, _ in points}) < 3:
+            continue
+        mean_x = math.fsum(x for x, _ in points) / len(points)
+        mean_y = math.fsum(y for _, y in points) / len(points)
+        sxy = math.fsum((x - mean_x) * (y - mean_y) for x, y in points)
+        slopes.append(sxy / math.fsum((x - mean_x) ** 2 for x, _ in points))
+    if not slopes:
+        return None
+    slope = describe(slopes)
+    slope["resolved"] = slope["ci95"] is not None and abs(slope["mean"]) > slope["ci95"]
+    return slope
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -214,6 +248,16 @@ def markdown(summary: dict[str, Any]) -> str:
                 *(_diff(p.get(m)) for m in ("val_loss", "test_loss", "test_bpb")),
             ]
             lines.append("| " + " | ".join(cells) + " |")
+    if summary["trend"]:
+        per = "per decade of x" if summary["log_x"] else "per unit of x"
+        cells = [f"{m.replace('_', ' ')} {_diff(summary['trend'].get(m))}" for m in ("val_loss", "test_loss")]
+        n = summary["trend"].get("test_loss", {}).get("n", 0)
+        lines += [
+            "",
+            f"Least-squares slope over the swept variants, {per} (mean ± 95% interval over {n} seeds): "
+            + "; ".join(cells)
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 
