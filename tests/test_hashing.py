@@ -223,3 +223,19 @@ def test_compiled_kernel_equals_eager_and_reference():
     mult = reference_multipliers(9, 3, 98_627, 5)
     expected = reference_hash(ids.numpy(), 9, 3, 4, eager.table_sizes, mult, 2)
     np.testing.assert_array_equal(compiled.hash(ids, 9).numpy(), expected)
+
+
+def test_compiled_kernel_names_a_missing_compiler_and_only_then():
+    import torch._inductor.config as inductor_config
+
+    from engram.hashing.ngram import _compiler_missing
+
+    hasher = NgramHasher([3], 3, 4, [70_001, 90_001], 98_627, pad_id=2, seed=5, compile=True)
+    no_compiler = inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True})
+    with no_compiler, pytest.raises(RuntimeError, match=r"needs a working C\+\+ compiler\); use compile=False"):
+        hasher.hash(torch.zeros(1, 4, dtype=torch.long), 3)
+    # Any other failure is not blamed on the compiler.
+    try:
+        raise RuntimeError("out of memory") from ValueError("shape")
+    except RuntimeError as error:
+        assert not _compiler_missing(error)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
 from engram._checks import as_id_tensor, check_hashing_params, check_id_range
 from engram.hashing.primes import engram_table_sizes
@@ -60,6 +62,16 @@ def _order_mixes(
         mix = mix ^ (shifted * multipliers[k])
         mixes.append(mix)
     return mixes
+
+
+def _compiler_missing(error: BaseException) -> bool:
+    """Whether a failed ``torch.compile`` was caused, somewhere in its chain, by the C++ toolchain."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (CppCompileError, InvalidCxxCompiler)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class NgramHasher:
@@ -235,10 +247,11 @@ class NgramHasher:
             def run(extended: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
                 try:
                     return compiled(extended, keep)
-                except Exception as exc:  # torch.compile reports a missing compiler in many ways
+                except (BackendCompilerFailed, InductorError) as exc:  # the backend could not build it
+                    hint = " (on CPU torch.compile needs a working C++ compiler)" if _compiler_missing(exc) else ""
                     raise RuntimeError(
-                        f"NgramHasher(compile=True) could not build its kernel ({type(exc).__name__}: {exc}); "
-                        "on CPU torch.compile needs a working C++ compiler. Use compile=False."
+                        f"NgramHasher(compile=True) could not build its kernel{hint}; use compile=False. "
+                        f"Cause: {type(exc).__name__}: {exc}"
                     ) from exc
 
             self._kernels[layer_id] = run
