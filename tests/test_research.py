@@ -254,6 +254,25 @@ def test_quick_experiment_runs_skips_and_resumes(tmp_path):
     )
     assert (folder / "results.png").stat().st_size > 0 and (folder / "results.csv").read_text().count("\n") == 3
 
+    # The committed results.json brings the finished runs back on another machine: the dataset in another
+    # folder, a fresh output folder. A record of another spec is left out.
+    moved = Experiment.from_dict({**exp.to_dict(), "data": str(shutil.copytree(work["data"], tmp_path / "moved"))})
+    moved_path = tmp_path / "moved.json"
+    moved_path.write_text(moved.to_json())
+    results = json.loads((folder / "results.json").read_text())
+    results["runs"].append({**results["runs"][0], "seed": 1})
+    results["runs"].append({**results["runs"][0], "variant": "engram", "fingerprint": "0" * 64})
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    out2 = tmp_path / "out2"
+    imported = run_engram(
+        "experiment", "import", moved_path, tmp_path / "results.json", "--quick", "--out", out2, cache=tmp_path
+    )
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "2 runs imported" in imported.stdout and "2 records left out" in imported.stdout
+    assert json.loads((out2 / "tiny-quick" / "engram" / "seed0" / "final.json").read_text()) == finals["engram"]
+    skipped = run_engram("experiment", "run", moved_path, "--quick", "--out", out2, cache=tmp_path)
+    assert "2 runs, 2 complete, 0 to train" in skipped.stdout, skipped.stdout + skipped.stderr
+
     # A complete run is skipped; a run without its result is resumed from its last checkpoint, not retrained.
     (folder / "engram" / "seed0" / "final.json").unlink()
     again = run_engram("experiment", "run", path, "--quick", "--out", out, cache=tmp_path)

@@ -48,6 +48,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader finds the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def swap_into_place(tmp: Path, target: Path) -> None:
     """Rename the folder ``tmp`` to ``target``; an existing ``target`` is moved aside first, deleted afterwards.
 

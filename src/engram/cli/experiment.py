@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from engram._json_config import option_type
 from engram.model.accounting import estimate_parameters
 from engram.research.experiment import Experiment, bundled_experiments, load_experiment
 from engram.research.report import collect, summarize, write_report
-from engram.research.runner import data_folder, experiment_folder, plan_runs, prepare_data, run_experiment
+from engram.research.runner import (
+    data_folder,
+    experiment_folder,
+    import_results,
+    plan_runs,
+    prepare_data,
+    run_experiment,
+)
 
 DEFAULT_OUT = Path("runs/experiments")
 
@@ -44,6 +52,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     experiment_parser("report", "write results.{json,csv,md} and the plot from the runs finished so far").set_defaults(
         run=_report
     )
+    imports = experiment_parser(
+        "import", "put finished runs back from a results.json (e.g. a committed one), so that run skips them"
+    )
+    imports.add_argument("results", type=Path, help="a results.json written by `engram experiment report`")
+    imports.set_defaults(run=_import)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -104,6 +117,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     _write(load_experiment(args.experiment), args.out, args.quick)
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    experiment = load_experiment(args.experiment)
+    try:
+        records = json.loads(args.results.read_text())["runs"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{args.results}: not a results.json of `engram experiment report` (needs a 'runs' list): {error}"
+        ) from error
+    imported, refused = import_results(experiment, args.out, records, args.quick)
+    folder = experiment_folder(experiment, args.out, args.quick)
+    print(f"{len(imported)} runs imported into {folder}; {len(records) - len(imported) - len(refused)} were complete")
+    if refused:
+        names = ", ".join(f"{r.get('variant')} seed {r.get('seed')}" for r in refused)
+        print(f"{len(refused)} records left out (another model, recipe or dataset than this experiment's): {names}")
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -181,9 +182,12 @@ class RunPlan:
         tokenizer = None if self.tokenizer is None else str(Path(self.tokenizer).resolve())
         return RunSpec(model=self.model, train=self.train, data=str(Path(data_dir).resolve()), tokenizer=tokenizer)
 
-    def fingerprint(self, data_dir: str | Path) -> str:
-        """SHA-256 of the run's spec: a finished run's results belong to exactly this spec."""
-        return hashlib.sha256(self.spec(data_dir).to_json().encode()).hexdigest()
+    def fingerprint(self, data_fingerprint: str) -> str:
+        """SHA-256 of what the run's results depend on: the model, the recipe and the dataset's content
+        (its ``TokenDataset.fingerprint``, which covers the tokenizer), not the folders they are in, so
+        a finished run is recognised wherever its record is put back (``import_results``)."""
+        content = {"model": self.model.to_dict(), "train": self.train.to_dict(), "data": data_fingerprint}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def as_overencoding(config: ModelConfig) -> ModelConfig:

@@ -17,10 +17,10 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from engram._files import write_text_atomic
 from engram.eval.plots import plot_seed_summary
 from engram.research.experiment import Experiment, Variant
 from engram.research.runner import FINAL_FILE, RunStatus
@@ -159,20 +159,13 @@ def write_report(
     """results.json, results.csv (one row per run), results.md and the plot; returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [
-        _write(folder / "results.json", json.dumps({"summary": summary, "runs": records}, indent=2) + "\n"),
-        _write(folder / "results.csv", runs_csv(records)),
-        _write(folder / "results.md", markdown(summary)),
+        write_text_atomic(folder / "results.json", json.dumps({"summary": summary, "runs": records}, indent=2) + "\n"),
+        write_text_atomic(folder / "results.csv", runs_csv(records)),
+        write_text_atomic(folder / "results.md", markdown(summary)),
     ]
     if any(v["metrics"] for v in summary["variants"]):
         paths.append(plot(summary, folder / "results.png", experiment))
     return paths
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def runs_csv(records: list[dict[str, Any]]) -> str:

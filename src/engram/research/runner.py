@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engram._files import FolderLock
+from engram._files import FolderLock, write_text_atomic
 from engram.data import TokenDataset, prepare_dataset
 from engram.hashing.compression import CompressedTokenizer
 from engram.research.experiment import Experiment, RunPlan
@@ -42,6 +42,7 @@ SPLITS = (0.9, 0.05, 0.05)
 class RunStatus:
     plan: RunPlan
     folder: Path
+    fingerprint: str  # RunPlan.fingerprint on the experiment's dataset
     complete: bool
 
 
@@ -83,14 +84,51 @@ def plan_runs(
     for name in variants or []:
         experiment.variant(name)
     folder = experiment_folder(experiment, out, quick)
+    data_fingerprint = dataset_fingerprint_of(data_dir)
     statuses = []
     for plan in experiment.runs(quick):
         if (variants and plan.variant not in variants) or (seeds is not None and plan.seed not in seeds):
             continue
         run_dir = folder / plan.folder
         _check_same_spec(run_dir, plan, data_dir)
-        statuses.append(RunStatus(plan, run_dir, is_complete(run_dir, plan.fingerprint(data_dir))))
+        fingerprint = plan.fingerprint(data_fingerprint)
+        statuses.append(RunStatus(plan, run_dir, fingerprint, is_complete(run_dir, fingerprint)))
     return statuses
+
+
+def dataset_fingerprint_of(data_dir: Path) -> str:
+    """The content fingerprint recorded in a prepared dataset's manifest (verified when it is opened)."""
+    path = Path(data_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())["fingerprint"]
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        raise ValueError(f"{path}: not a prepared dataset's manifest ({error}); prepare the data again") from error
+
+
+def import_results(
+    experiment: Experiment, out: Path, records: list[dict], quick: bool = False
+) -> tuple[list[RunStatus], list[dict]]:
+    """Put finished runs' records (``final.json`` contents, e.g. the ``runs`` of a results.json)
+    back as the ``final.json`` of their run folders, so ``run_experiment`` skips them.
+
+    A record is taken only when its fingerprint equals that of the experiment's run of the same
+    variant and seed on this dataset: results of another model, recipe or dataset are never mixed
+    in. Runs already complete are left alone. Returns (the runs imported, the records not taken).
+    """
+    data_dir = prepare_data(experiment, out)
+    statuses = {(s.plan.variant, s.plan.seed): s for s in plan_runs(experiment, out, data_dir, quick)}
+    imported, refused = [], []
+    for record in records:
+        status = statuses.get((record.get("variant"), record.get("seed")))
+        if status is None or record.get("fingerprint") != status.fingerprint:
+            refused.append(record)
+            continue
+        if not status.complete:
+            status.folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(status.folder / FINAL_FILE, json.dumps(record, indent=2) + "\n")
+            status.complete = True
+            imported.append(status)
+    return imported, refused
 
 
 def is_complete(run_dir: Path, fingerprint: str) -> bool:
@@ -202,12 +240,10 @@ def _start_worker(status: RunStatus, data_dir: Path) -> subprocess.Popen:
         "experiment": plan.experiment,
         "variant": plan.variant,
         "seed": plan.seed,
-        "fingerprint": plan.fingerprint(data_dir),
+        "fingerprint": status.fingerprint,
         "spec": plan.spec(data_dir).to_dict(),
     }
-    tmp = status.folder / (PLAN_FILE + ".tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    os.replace(tmp, status.folder / PLAN_FILE)
+    write_text_atomic(status.folder / PLAN_FILE, json.dumps(content, indent=2) + "\n")
     log_file = open(status.folder / "log.txt", "a")  # noqa: SIM115 (the child process writes it)
     try:
         return subprocess.Popen(

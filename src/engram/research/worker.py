@@ -12,7 +12,6 @@ stopped by signal N after a checkpoint (run the experiment again to resume).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from engram._files import FolderInUseError
+from engram._files import FolderInUseError, write_text_atomic
 from engram.data import TokenDataset
 from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.accounting import count_parameters
@@ -86,9 +85,7 @@ def run_plan(run_dir: Path) -> dict[str, Any]:
         "seconds_this_attempt": time.perf_counter() - started,
         **evaluation,
     }
-    tmp = run_dir / (FINAL_FILE + ".tmp")
-    tmp.write_text(json.dumps(final, indent=2) + "\n")
-    os.replace(tmp, run_dir / FINAL_FILE)
+    write_text_atomic(run_dir / FINAL_FILE, json.dumps(final, indent=2) + "\n")
     return final
 
 

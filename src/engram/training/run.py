@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from engram._files import FolderInUseError, FolderLock
+from engram._files import FolderInUseError, FolderLock, write_text_atomic
 from engram._json_config import JsonConfig
 from engram.data import TokenDataset
 from engram.eval.evaluate import token_byte_lengths
@@ -251,10 +250,7 @@ def read_spec(run_dir: str | Path) -> RunSpec:
 
 def write_spec(run_dir: str | Path, spec: RunSpec) -> None:
     """Write ``run_dir/run.json`` atomically."""
-    path = Path(run_dir) / SPEC_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(spec.to_json() + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(Path(run_dir) / SPEC_FILE, spec.to_json() + "\n")
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[EngramLM, RunSpec, CompressedTokenizer, TokenDataset]:
