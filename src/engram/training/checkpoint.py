@@ -77,7 +77,7 @@ def _tables(model: EngramLM) -> dict[int, TableStorage]:
 
 
 def placement(model: EngramLM) -> StorageConfig:
-    """The storage config the model's tables were placed with (``place_tables``); plain device tables if never placed."""
+    """The storage config the model's tables were placed with (``place_tables``); device if never placed."""
     return model.placement or StorageConfig()
 
 
