@@ -88,7 +88,7 @@ import torch
 from engram import CompressedTokenizer, EngramConfig, EngramIndexer
 from engram.data.batches import RandomWindows
 from engram.model import EngramLM, ModelConfig, MoEConfig
-from engram.storage import DiskTable, OffloadedTable, PendingRows, StorageConfig, TableStorage
+from engram.storage import DiskTable, OffloadedTable, PendingRows, StorageConfig, TableStorage, place_tables
 from engram.storage import journal as journal_module
 from engram.storage import table_file as table_file_module
 from engram.storage.config import LAYER_FOLDER
@@ -157,7 +157,7 @@ def model_config(table_mb: float) -> ModelConfig:
 
 def build_model(config: ModelConfig, indexer: EngramIndexer, storage: StorageConfig) -> EngramLM:
     seed_everything(0)
-    return EngramLM(config, indexer=indexer, storage=storage)
+    return place_tables(EngramLM(config, indexer=indexer), storage)
 
 
 def copy_weights(model: EngramLM, reference: EngramLM, chunk_rows: int = 1 << 21) -> None:

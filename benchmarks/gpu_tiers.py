@@ -67,7 +67,7 @@ import engram
 from engram import CompressedTokenizer, EngramConfig, EngramIndexer
 from engram.data.batches import RandomWindows
 from engram.model import EngramLM, ModelConfig
-from engram.storage import OffloadedTable, PendingRows, StorageConfig
+from engram.storage import OffloadedTable, PendingRows, StorageConfig, place_tables
 from engram.training import RowAdam, TrainConfig, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root, for tests.corpus
@@ -245,7 +245,9 @@ def build_pair(
     start = time.perf_counter()
     seed_everything(0)
     with torch.device(device):  # the device table is drawn where it lives: no host copy of it
-        device_model = EngramLM(config, indexer=indexer, storage=StorageConfig(tier="device"))
+        device_model = EngramLM(config, indexer=indexer)
+        for table in device_model.engram_tables():
+            table.materialize()  # drawn now (rows are drawn on first use), so that it is timed here
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds["device model"] = time.perf_counter() - start
@@ -255,14 +257,14 @@ def build_pair(
     seed_everything(0)
     try:
         with skip_large_cpu_init():
-            host_model = EngramLM(config, indexer=indexer, storage=StorageConfig(tier="host", pin_memory=pin))
+            host_model = place_tables(EngramLM(config, indexer=indexer), StorageConfig(tier="host", pin_memory=pin))
     except RuntimeError as e:  # page-locking tens of GB can fail where the driver or the OS refuses it
         if pin is False:
             raise
         log(f"allocating the host tables page-locked failed ({e}); retrying without pinning (--pin no)")
         notes.append(f"pinning failed, host tables not page-locked: {e}")
         with skip_large_cpu_init():
-            host_model = EngramLM(config, indexer=indexer, storage=StorageConfig(tier="host", pin_memory=False))
+            host_model = place_tables(EngramLM(config, indexer=indexer), StorageConfig(tier="host", pin_memory=False))
     seconds["host model (allocate, pin)"] = time.perf_counter() - start
     log(f"host model allocated in {seconds['host model (allocate, pin)']:.1f} s")
 
@@ -295,7 +297,7 @@ def correctness_check(device: torch.device, indexer_for: Callable[[EngramConfig]
     models = {}
     for tier in ("device", "host"):
         seed_everything(0)
-        models[tier] = EngramLM(config, indexer=indexer, storage=StorageConfig(tier=tier)).to(device)
+        models[tier] = place_tables(EngramLM(config, indexer=indexer), StorageConfig(tier=tier)).to(device)
     tokens, _ = sonnets_tokens()
     inputs, targets = (t.to(device) for t in RandomWindows(tokens, 4, 64, seed=1).batch(0))
     result: dict[str, Any] = {}

@@ -8,8 +8,10 @@ about Engram except one line in ``Block.forward``. The Engram part takes four st
    wide the rows are and how large the tables are;
 2. ``EngramIndexer(config, CompressedTokenizer())``: tokenizer compression (DeepSeek-V3 by default,
    offline) and n-gram hashing, from the raw token ids your tokenizer produces to table rows;
-3. ``Engram(config, layer_id, hidden_size, storage=DeviceTable(..., sparse_grad=True))``: the layer,
-   its table a ``DeviceTable`` that produces sparse gradients (only the looked-up rows);
+3. ``Engram(config, layer_id, hidden_size)``: the layer, built plainly into your model, then
+   ``place_tables(model, StorageConfig())``: its table stays a ``DeviceTable`` on the device and now
+   produces sparse gradients (only the looked-up rows); ``StorageConfig(tier="host")`` or
+   ``"disk"`` would move it off the device, and a process group would shard it;
 4. in the block, ``h = h + engram(h, hash_ids=...)`` before attention, and an optimizer pair:
    ``engram.training.SparseRowAdam`` for the table (5x the learning rate, no weight decay, as in the
    paper) and AdamW for everything else (AdamW cannot take sparse gradients).
@@ -29,7 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engram import CompressedTokenizer, DeviceTable, Engram, EngramConfig, EngramIndexer
+from engram import CompressedTokenizer, Engram, EngramConfig, EngramIndexer
+from engram.storage import StorageConfig, place_tables
 from engram.training import SparseRowAdam
 
 TEXT = (
@@ -109,11 +112,13 @@ def main() -> None:
     )
     indexer = EngramIndexer(config, tokenizer)  # raw ids -> canonical ids -> rows, for every Engram layer
     rows, dim = Engram.table_shape(config, engram_block)
-    # The table: an nn.Parameter behind the TableStorage interface. Without storage=..., Engram builds
-    # DeviceTable(rows, dim) itself, with dense gradients (fine for AdamW); sparse ones need SparseRowAdam.
-    table = DeviceTable(rows, dim, sparse_grad=True)
-    engram_layer = Engram(config, engram_block, hidden_size=d_model, storage=table)
+    # The layer builds its table plainly: a DeviceTable (an nn.Parameter behind the TableStorage interface,
+    # rows drawn on first use) with dense gradients. Placement, a step of its own after the model is built,
+    # decides where it lives and turns on sparse gradients, which SparseRowAdam needs (AdamW cannot take them).
+    engram_layer = Engram(config, engram_block, hidden_size=d_model)
     model = TinyLM(len(vocabulary), d_model, n_layers=2, n_heads=4, max_len=256, engrams={engram_block: engram_layer})
+    place_tables(model, StorageConfig(tier="device"), sparse_grad=True)
+    table = engram_layer.table
 
     # Rows depend only on the ids: compute them once, ahead of the forward pass (a data loader could).
     hash_ids = indexer(raw[:, :-1])  # {1: (B, T, 8) int64}, from the raw ids of the inputs

@@ -41,7 +41,7 @@ from engram import CompressedTokenizer, EngramConfig, EngramIndexer
 from engram.eval import token_byte_lengths
 from engram.memory.layer import Engram
 from engram.model import EngramLM
-from engram.storage import DiskTable, StorageConfig
+from engram.storage import DiskTable, StorageConfig, place_tables
 from engram.training import RowAdagrad, TrainConfig, Trainer, seed_everything
 from tests.corpus import sonnets_tokenizer, sonnets_tokens
 from tests.test_training import MODEL
@@ -396,11 +396,8 @@ def train_and_check(workdir: Path, config: EngramConfig, monkeypatch, report: li
     try:
         with watch.phase("create the table (random init)"):
             seed_everything(0)
-            model = EngramLM(
-                model_config,
-                indexer=EngramIndexer(config, compressor),
-                storage=StorageConfig(tier="disk", directory=str(workdir / "tables"), journal=True),
-            )
+            model = EngramLM(model_config, indexer=EngramIndexer(config, compressor))
+            place_tables(model, StorageConfig(tier="disk", directory=str(workdir / "tables"), journal=True))
         table = model.engram_tables()[0]
         assert isinstance(table, DiskTable) and table.directory == table_dir
         weight_path = table_dir / "weight.table"

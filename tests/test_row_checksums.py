@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from engram.storage import DiskTable, StorageConfig, build_table
+from engram.model import EngramLM
+from engram.storage import DiskTable, StorageConfig, place_tables
 from engram.storage.disk import verify_tables
 from engram.storage.table_file import RowChecksumError, row_checksums
 from engram.training import RowAdam
@@ -195,9 +196,11 @@ def test_tables_written_from_tensors_have_every_checksum(tmp_path):
 
 
 def test_storage_config_switches_the_check(tmp_path):
-    on = build_table(StorageConfig(tier="disk", directory=str(tmp_path / "a")), 1, 50, 4, 0.1)
-    off = build_table(StorageConfig(tier="disk", directory=str(tmp_path / "b"), verify_rows=False), 1, 50, 4, 0.1)
-    assert on.verify_rows and not off.verify_rows
+    from tests.test_training import MODEL
+
+    on = place_tables(EngramLM(MODEL), StorageConfig(tier="disk", directory=str(tmp_path / "a")))
+    off = place_tables(EngramLM(MODEL), StorageConfig(tier="disk", directory=str(tmp_path / "b"), verify_rows=False))
+    assert on.engram_tables()[0].verify_rows and not off.engram_tables()[0].verify_rows
 
 
 def _engram(*args) -> subprocess.CompletedProcess:

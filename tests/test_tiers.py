@@ -11,7 +11,7 @@ import torch
 from engram import DeviceTable, EngramIndexer
 from engram.eval import token_byte_lengths
 from engram.model import EngramLM
-from engram.storage import DiskTable, HostTable, StorageConfig, TableStateError
+from engram.storage import DiskTable, HostTable, StorageConfig, TableStateError, place_tables
 from engram.storage.table_file import TableFileError
 from engram.training import RowAdagrad, Trainer, seed_everything
 from engram.training.checkpoint import latest_checkpoint
@@ -23,7 +23,7 @@ from tests.test_training import MODEL, TRAIN
 def _model(compressor, tier: str, directory=None, **storage) -> EngramLM:
     seed_everything(0)
     config = StorageConfig(tier=tier, directory=None if directory is None else str(directory), **storage)
-    return EngramLM(MODEL, indexer=EngramIndexer(MODEL.engram, compressor), storage=config)
+    return place_tables(EngramLM(MODEL, indexer=EngramIndexer(MODEL.engram, compressor)), config)
 
 
 def _same_weights(model: EngramLM, reference: EngramLM) -> EngramLM:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,8 +35,11 @@ from engram.model.hyper import HyperConnection
 from engram.model.layers import CausalSelfAttention, KVCache, Rotary, SwiGLU
 from engram.model.moe import MoE
 from engram.storage.base import TableStorage
-from engram.storage.config import StorageConfig, build_table
+from engram.storage.device import DeviceTable
 from engram.storage.prefetch import PendingRows
+
+if TYPE_CHECKING:
+    from engram.storage.config import StorageConfig
 
 
 @dataclass
@@ -93,15 +97,14 @@ class DecodeState:
 class Block(nn.Module):
     """One Transformer block, with an optional Engram module in front."""
 
-    def __init__(
-        self, config: ModelConfig, index: int, rotary: Rotary, sparse_table_grad: bool, storage: StorageConfig
-    ):
+    def __init__(self, config: ModelConfig, index: int, rotary: Rotary):
         super().__init__()
         d, branches = config.d_model, config.n_branches
         self.engram: Engram | None = None
         if config.engram is not None and index in config.engram.layer_ids:
+            # A plain table, its rows drawn on first use (its seed now): engram.storage.place_tables moves it.
             rows, dim = Engram.table_shape(config.engram, index)
-            table = build_table(storage, index, rows, dim, config.engram.table_init_std, sparse_table_grad)
+            table = DeviceTable(rows, dim, init_std=config.engram.table_init_std, sparse_grad=True)
             self.engram = Engram(config.engram, index, d, branches, storage=table)
         self.attn_norm = nn.RMSNorm(d, eps=config.norm_eps)
         self.attn = CausalSelfAttention(d, config.n_heads, rotary)
@@ -144,17 +147,18 @@ class EngramLM(nn.Module):
         config: the architecture.
         indexer: computes Engram row indices from ``input_ids`` when ``forward`` is not given
             ``hash_ids`` (the input ids must then be the indexer's tokenizer ids).
-        sparse_table_grad: device-tier Engram tables produce sparse gradients (for sparse row optimizers).
-        storage: where the Engram tables live (device by default; host memory or disk).
+
+    The Engram tables are built plain: a ``DeviceTable`` per Engram layer, with sparse gradients
+    (for the row optimizers), whose rows are drawn from its seed on first use, so a model with
+    tables bigger than memory can be built. ``engram.storage.place_tables(model, storage)`` moves
+    them to host memory or disk, or shards them over a process group.
+
+    Attributes:
+        placement: the ``StorageConfig`` the tables were placed with (``place_tables``); None:
+            plain device tables.
     """
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        indexer: EngramIndexer | None = None,
-        sparse_table_grad: bool = True,
-        storage: StorageConfig | None = None,
-    ):
+    def __init__(self, config: ModelConfig, indexer: EngramIndexer | None = None):
         super().__init__()
         if indexer is not None and indexer.config != config.engram:
             raise ValueError("the indexer was built from a different EngramConfig than config.engram")
@@ -162,10 +166,8 @@ class EngramLM(nn.Module):
         self.indexer = indexer
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         rotary = Rotary(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.storage = storage or StorageConfig()
-        self.blocks = nn.ModuleList(
-            Block(config, i, rotary, sparse_table_grad, self.storage) for i in range(config.n_layers)
-        )
+        self.placement: StorageConfig | None = None
+        self.blocks = nn.ModuleList(Block(config, i, rotary) for i in range(config.n_layers))
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._init_backbone()

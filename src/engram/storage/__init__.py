@@ -1,10 +1,12 @@
-"""Where Engram tables live: the storage interface, its tiers (device, host memory, disk) and row sharding."""
+"""Where Engram tables live: the storage interface, its tiers (device, host memory, disk), row sharding and
+``place_tables``, which puts a plainly built model's tables in a tier."""
 
 from engram.storage.base import TableStorage
-from engram.storage.config import StorageConfig, build_table
+from engram.storage.config import StorageConfig
 from engram.storage.device import DeviceTable
 from engram.storage.disk import DiskTable, TableStateError
 from engram.storage.offload import HostTable, OffloadedTable
+from engram.storage.placement import place_tables
 from engram.storage.prefetch import FetchedRows, PendingRows
 from engram.storage.sharded import ShardedTable, shard_ranges
 
@@ -19,6 +21,6 @@ __all__ = [
     "StorageConfig",
     "TableStateError",
     "TableStorage",
-    "build_table",
+    "place_tables",
     "shard_ranges",
 ]

@@ -1,4 +1,4 @@
-"""Which tier a model's Engram tables live in, chosen by config, and the factory that builds them."""
+"""Which tier a model's Engram tables live in, as a config (``engram.storage.place_tables`` applies it)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from engram._json_config import ConfigError, JsonConfig, require
-from engram.storage.base import TableStorage
-from engram.storage.device import DeviceTable
-from engram.storage.disk import DiskTable
-from engram.storage.init import draw_seed
-from engram.storage.offload import HostTable
-from engram.storage.sharded import ShardedTable, shard_ranges
 
 Tier = Literal["device", "host", "disk"]
 LAYER_FOLDER = "layer_{:02d}"  # the disk tier's folder of one layer's table, inside StorageConfig.directory
-SHARD_FOLDER = "shard_{rank:05d}_of_{world:05d}"  # a rank's shard of a disk table, inside its layer folder
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,8 +22,9 @@ class StorageConfig(JsonConfig):
     Attributes:
         tier: ``"device"``: a parameter on the model's device (default); ``"host"``: CPU memory
             (rows gathered and copied to the device per batch); ``"disk"``:
-            memory-mapped files, one folder per layer under ``directory``. Under ``torchrun`` each
-            rank keeps its shard of every table's rows in this tier (``ShardedTable``).
+            memory-mapped files, one folder per layer under ``directory``. Placed over a process
+            group of several ranks, each rank keeps its shard of every table's rows in this tier
+            (``ShardedTable``).
         directory: the disk tier's folder (``layer_<i>/`` inside); a training run defaults it to
             ``<run>/tables``.
         cache_mb: hot-row cache per table in MiB (host and disk tiers; 0 disables it).
@@ -73,65 +66,3 @@ class StorageConfig(JsonConfig):
         if self.directory is None:
             raise ValueError("the disk tier needs storage.directory, the folder that holds the table files")
         return Path(self.directory) / LAYER_FOLDER.format(layer_id)
-
-
-def build_table(
-    config: StorageConfig, layer_id: int, num_rows: int, dim: int, init_std: float, sparse_grad: bool = True
-) -> TableStorage:
-    """The table of layer ``layer_id`` in the configured tier (a disk table is opened if it exists).
-
-    Under ``torch.distributed`` with more than one rank the table is row-sharded
-    (``ShardedTable``): this rank keeps its shard in the configured tier. A table's initial rows
-    depend only on its seed, drawn here from torch's global generator, so a seeded model starts
-    from the same rows in every tier and at every world size.
-    """
-    seed = draw_seed()
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    start, end = shard_ranges(num_rows, world)[rank]
-    directory = None
-    if config.tier == "disk":
-        directory = config.layer_directory(layer_id)
-        if world > 1:
-            directory = directory / SHARD_FOLDER.format(rank=rank, world=world)
-    local = _local_table(config, directory, end - start, dim, init_std, seed, start, sparse_grad)
-    return local if world == 1 else ShardedTable(num_rows, dim, local)
-
-
-def _local_table(
-    config: StorageConfig,
-    directory: Path | None,
-    num_rows: int,
-    dim: int,
-    init_std: float,
-    seed: int,
-    first_row: int,
-    sparse_grad: bool,
-) -> TableStorage:
-    """Rows ``[first_row, first_row + num_rows)`` of a table, in the configured tier."""
-    dtype = DTYPES[config.dtype]
-    init = dict(init_std=init_std, seed=seed, first_row=first_row)
-    if config.tier == "device":
-        return DeviceTable(num_rows, dim, sparse_grad=sparse_grad, **init)
-    if config.tier == "host":
-        return HostTable(
-            num_rows,
-            dim,
-            dtype=dtype,
-            pin_memory=config.pin_memory,
-            cache_bytes=config.cache_bytes,
-            prefetch=config.prefetch,
-            **init,
-        )
-    return DiskTable(
-        directory,
-        num_rows,
-        dim,
-        dtype=dtype,
-        cache_bytes=config.cache_bytes,
-        prefetch=config.prefetch,
-        journal=config.journal,
-        write_buffer_bytes=int(config.write_buffer_mb * 2**20),
-        verify_rows=config.verify_rows,
-        **init,
-    )

@@ -46,6 +46,7 @@ from safetensors.torch import save_file
 from engram._files import fsync_dir, fsync_file, sha256_file, swap_into_place
 from engram.model.lm import EngramLM
 from engram.storage.base import TableStorage
+from engram.storage.config import StorageConfig
 from engram.storage.sharded import ShardedTable
 from engram.training.checkpoint_io import checkpoint_complete, load_state, save_state
 from engram.training.config import TrainConfig
@@ -73,6 +74,11 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
 def _tables(model: EngramLM) -> dict[int, TableStorage]:
     """The Engram tables by layer."""
     return {layer: engram.table for layer, engram in model.engram_layers().items()}
+
+
+def placement(model: EngramLM) -> StorageConfig:
+    """The storage config the model's tables were placed with (``place_tables``); device if never placed."""
+    return model.placement or StorageConfig()
 
 
 def _row_range(table: TableStorage) -> tuple[int, int]:
@@ -265,7 +271,7 @@ def _dense_tree(
             "model_config": model.config.to_dict(),
             "train_config": train_config.to_dict(),
             "run_info": run_info or {},
-            "storage": model.storage.to_dict(),
+            "storage": placement(model).to_dict(),
             "trainer": trainer_state or {},
         },
         "model": {key: value for key, value in model.state_dict().items() if key not in in_shards},
@@ -550,11 +556,12 @@ def _check_fits(
         if diffs:
             raise ValueError(f"checkpoint {path} belongs to another run: " + "; ".join(diffs))
     saved_tier = meta.get("storage", {}).get("tier", "device")
-    if (saved_tier == "disk") != (model.storage.tier == "disk"):
+    tier = placement(model).tier
+    if (saved_tier == "disk") != (tier == "disk"):
         raise ValueError(
             f"checkpoint {path} keeps its Engram tables in the {saved_tier!r} tier and this model in the "
-            f"{model.storage.tier!r} tier; convert the tables with `engram tables convert` or build the model with "
-            f"storage tier {saved_tier!r}"
+            f"{tier!r} tier; convert the tables with `engram tables convert` or place the model's tables in "
+            f"storage tier {saved_tier!r} (engram.storage.place_tables)"
         )
     if optimizers is not None and set(tree["optimizers"]) != set(optimizers):
         raise ValueError(

@@ -1,7 +1,8 @@
 """Training on several processes with ``torch.distributed``: the process group, DDP and the reductions.
 
-A run launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process group
-before the model is built, so ``build_table`` shards every Engram table over the ranks. Dense
+A run launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins the process group,
+builds the model and then shards every Engram table over the ranks with
+``engram.storage.place_tables(model, storage, process_group)`` (``training.run.build_model``). Dense
 parameters are replicated and averaged by DDP; the tables' rows and row gradients travel through
 ``ShardedTable``'s all-to-all exchanges. The same script therefore runs on one process or many:
 

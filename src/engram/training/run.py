@@ -27,6 +27,7 @@ from engram.model.config import ModelConfig
 from engram.model.lm import EngramLM
 from engram.storage.config import StorageConfig
 from engram.storage.disk import WEIGHT_FILE
+from engram.storage.placement import place_tables
 from engram.storage.table_file import TableFile
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, step_folders
 from engram.training.config import TrainConfig
@@ -89,13 +90,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def build_model(
     config: ModelConfig, tokenizer: CompressedTokenizer, dataset: TokenDataset, storage: StorageConfig | None = None
 ) -> EngramLM:
-    """The model of ``config`` with its output vocabulary trimmed to the dataset's kept ids."""
+    """The model of ``config`` with its output vocabulary trimmed to the dataset's kept ids, its
+    Engram tables placed in ``storage`` (default: the device), sharded over the default process
+    group if one is initialised (``place_tables``)."""
     kept = torch.from_numpy(dataset.vocabulary.astype("int64"))
     config = dataclasses.replace(config, vocab_size=len(kept) + 1, input_vocab_size=tokenizer.raw_vocab_size)
     indexer = EngramIndexer(config.engram, tokenizer) if config.engram is not None else None
-    model = EngramLM(config, indexer=indexer, storage=storage)
+    model = EngramLM(config, indexer=indexer)
     model.set_vocabulary(kept)
-    return model
+    return place_tables(model, storage or StorageConfig())
 
 
 def _open(spec: RunSpec) -> tuple[CompressedTokenizer, TokenDataset]:
@@ -117,8 +120,9 @@ def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trai
     A disk-tier run that stopped before its first checkpoint starts over: the table files its
     earlier attempt trained in ``<run>/tables`` hold nothing saved and are rebuilt.
 
-    Under ``torchrun`` every rank calls this: it joins the process group first, so the model's
-    Engram tables are sharded over the ranks (see ``engram.training.distributed``).
+    Under ``torchrun`` every rank calls this: it joins the process group first and then builds
+    the model, whose Engram tables ``build_model`` shards over the ranks (see
+    ``engram.training.distributed``).
 
     Raises:
         ValueError: ``run_dir`` holds a different run (model, data or tokenizer) or keeps its tables
@@ -130,7 +134,7 @@ def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trai
     saved = read_spec(run_dir) if (run_dir / SPEC_FILE).is_file() else None
     if saved is not None:
         _check_same_run(run_dir, saved, spec)
-    init_distributed(spec.train.dist_timeout_s)  # under torchrun: before the model, whose tables it shards
+    init_distributed(spec.train.dist_timeout_s)  # under torchrun: before build_model shards the tables
     tokenizer, dataset = _open(spec)
     created = not run_dir.exists()
     lock = lock_run(run_dir, "engram train")

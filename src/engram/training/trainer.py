@@ -114,8 +114,8 @@ def build_optimizers(model: EngramLM, config: TrainConfig) -> dict[str, torch.op
 class Trainer:
     """Trains an ``EngramLM`` on a token array, on one process or on every rank of a ``torchrun`` job.
 
-    On several ranks (``torch.distributed`` initialised before the model was built, so its tables
-    are sharded) each rank takes its slice of every step's batch of ``config.batch_size`` sequences,
+    On several ranks (``torch.distributed`` initialised and the tables sharded over its ranks by
+    ``engram.storage.place_tables``) each rank takes its slice of every step's batch of ``config.batch_size`` sequences,
     dense gradients are averaged by DDP and table row gradients by the shard owners: a step computes
     what one process computes on the whole batch. Rank 0 alone writes metrics and shows progress;
     every rank takes part in checkpoints, which hold each rank's shard of the tables.
@@ -158,9 +158,9 @@ class Trainer:
             )
         if self.world > 1 and not all(isinstance(t, ShardedTable) for t in model.engram_tables()):
             raise ValueError(
-                f"this process is one of {self.world} ranks, but the model's Engram tables are not sharded: build "
-                "the model after joining the process group (engram.training.distributed.init_distributed), so "
-                "that build_table shards them"
+                f"this process is one of {self.world} ranks, but the model's Engram tables are not sharded: join "
+                "the process group first (engram.training.distributed.init_distributed), then shard them with "
+                "engram.storage.place_tables(model, storage, process_group) before building the Trainer"
             )
         # The module the forward pass goes through: DDP averages the dense gradients across ranks.
         self.forward_model = wrap_dense_ddp(self.model) if self.world > 1 else self.model
