@@ -106,7 +106,8 @@ class DeviceTable(TableStorage):
         if not grad.is_sparse:
             raise RuntimeError(
                 f"a sparse row optimizer needs sparse gradients, but this {self.num_rows}-row table has a dense "
-                "gradient; build it with DeviceTable(..., sparse_grad=True), or use a dense optimizer such as AdamW"
+                "gradient; place the model's tables with engram.storage.place_tables(..., sparse_grad=True) (or build "
+                "the table with DeviceTable(..., sparse_grad=True)), or use a dense optimizer such as AdamW"
             )
         self._parameters["weight"].grad = None
         grad = grad.coalesce()  # sums repeated rows; keeps rows whose sum is zero (they were looked up)
