@@ -84,7 +84,7 @@ def plan_runs(
     for name in variants or []:
         experiment.variant(name)
     folder = experiment_folder(experiment, out, quick)
-    data_fingerprint = dataset_fingerprint_of(data_dir)
+    data_fingerprint = TokenDataset(data_dir).fingerprint  # the manifest's, checked against its file hashes
     statuses = []
     for plan in experiment.runs(quick):
         if (variants and plan.variant not in variants) or (seeds is not None and plan.seed not in seeds):
@@ -94,15 +94,6 @@ def plan_runs(
         fingerprint = plan.fingerprint(data_fingerprint)
         statuses.append(RunStatus(plan, run_dir, fingerprint, is_complete(run_dir, fingerprint)))
     return statuses
-
-
-def dataset_fingerprint_of(data_dir: Path) -> str:
-    """The content fingerprint recorded in a prepared dataset's manifest (verified when it is opened)."""
-    path = Path(data_dir) / "manifest.json"
-    try:
-        return json.loads(path.read_text())["fingerprint"]
-    except (OSError, json.JSONDecodeError, KeyError) as error:
-        raise ValueError(f"{path}: not a prepared dataset's manifest ({error}); prepare the data again") from error
 
 
 def import_results(
