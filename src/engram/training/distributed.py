@@ -51,6 +51,28 @@ def init_distributed(timeout_s: float) -> bool:
     return True
 
 
+# What gloo's TCP transport says when a peer is silent or gone (it raises a plain RuntimeError);
+# NCCL and the rendezvous store raise ``torch.distributed.DistError`` subclasses instead.
+_GLOO_TIMED_OUT = ("Timed out waiting",)
+_GLOO_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """What a failed collective says about the other ranks, or None if ``error`` is not one.
+
+    Returns "timed out" when a peer did not answer within the process group's timeout, "gone" when
+    its connection closed (it died), "failed" for any other error of the distributed backend, and
+    None for everything else (an out-of-memory error, a shape bug), which must surface unchanged.
+    """
+    message = str(error)
+    backend_error = isinstance(error, dist.DistError)
+    if any(phrase in message for phrase in _GLOO_PEER_GONE):
+        return "gone"
+    if any(phrase in message for phrase in _GLOO_TIMED_OUT) or (backend_error and "timeout" in message.lower()):
+        return "timed out"
+    return "failed" if backend_error else None
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -42,7 +42,7 @@ from engram.training.checkpoint import (
     step_folders,
 )
 from engram.training.config import TrainConfig, lr_factor
-from engram.training.distributed import rank, sum_over_ranks, sum_over_ranks_, world_size, wrap_dense_ddp
+from engram.training.distributed import peer_failure, rank, sum_over_ranks, sum_over_ranks_, world_size, wrap_dense_ddp
 from engram.training.errors import DamagedCheckpointError, NonFiniteError, NoUsableCheckpointError, TrainingInterrupted
 from engram.training.metrics import MetricsLog, plot_losses
 from engram.training.row_optim import RowAdagrad, RowAdam, RowOptimizer
@@ -391,20 +391,26 @@ class Trainer:
     @contextlib.contextmanager
     def _explain_failed_collectives(self) -> Iterator[None]:
         """On several ranks, turn the error of a failed collective (a rank died, or hung past the
-        timeout: in a step, an evaluation or a checkpoint) into one that says what to do."""
+        timeout: in a step, an evaluation or a checkpoint) into one that says what to do. Any
+        other error (out of memory, a bug) passes through unchanged."""
         if self.world == 1:
             yield
             return
         try:
             yield
-        except NonFiniteError:  # agreed by every rank: nothing failed to answer
-            raise
         except RuntimeError as error:
+            failure = peer_failure(error)
+            if failure is None:
+                raise
+            what = {
+                "gone": "another rank's connection closed (it died or was stopped)",
+                "timed out": f"another rank did not answer within train.dist_timeout_s={self.config.dist_timeout_s:g} s",
+                "failed": "a collective operation failed",
+            }[failure]
             newest = latest_checkpoint(self.out_dir / "checkpoints") if self.out_dir is not None else None
             resume = f"the newest complete checkpoint is {newest}" if newest else "there is no complete checkpoint yet"
             raise RuntimeError(
-                f"rank {self.rank} of {self.world} stopped at step {self.step}, most likely because another rank died "
-                f"or did not answer within train.dist_timeout_s={self.config.dist_timeout_s:g} s; {resume}. "
+                f"rank {self.rank} of {self.world} stopped at step {self.step} because {what}; {resume}. "
                 f"Start the same command again to resume from it. Cause: {error}"
             ) from error
 
