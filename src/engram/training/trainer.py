@@ -402,9 +402,10 @@ class Trainer:
             failure = peer_failure(error)
             if failure is None:
                 raise
+            timeout = f"train.dist_timeout_s={self.config.dist_timeout_s:g} s"
             what = {
                 "gone": "another rank's connection closed (it died or was stopped)",
-                "timed out": f"another rank did not answer within train.dist_timeout_s={self.config.dist_timeout_s:g} s",
+                "timed out": f"another rank did not answer within {timeout}",
                 "failed": "a collective operation failed",
             }[failure]
             newest = latest_checkpoint(self.out_dir / "checkpoints") if self.out_dir is not None else None
