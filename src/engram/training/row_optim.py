@@ -1,9 +1,12 @@
 """Sparse row optimizers over ``TableStorage`` tables, with their state in the table's own tier.
 
 A step takes each table's gradient rows (``take_row_grad``: U distinct rows and their summed
-gradient), gathers those rows of the weight and of the state arrays, updates them and writes them
-back. The state arrays come from ``table.row_state``, so they sit where the table sits: device
-memory, host memory, or files next to a disk table. The cost of a step follows U, never the table.
+gradient), gathers those rows of the weight and of the state arrays from the table's local shard
+(``LocalTable``), updates them and writes them back. The state arrays come from
+``LocalTable.row_state``, so they sit where the table sits: device memory, host memory, or files
+next to a disk table. The cost of a step follows U, never the table. The rows come from
+``take_row_grad`` (distinct, sorted, in range), so the step reads and writes them unchecked
+(``gather``/``scatter``): no range check, reduction or host read per step.
 
 - ``RowAdam``: Adam(W) with a step count per row (``SparseRowAdam``'s rule; the paper's choice).
 - ``RowAdagrad``: row-wise Adagrad, one float of state per row instead of two per element, for
@@ -14,7 +17,7 @@ memory, host memory, or files next to a disk table. The cost of a step follows U
 
 Both expose ``param_groups`` (one group, with ``lr``), ``zero_grad``, ``step``, ``state_dict`` and
 ``load_state_dict`` like ``torch.optim`` optimizers, so schedules and checkpoints treat them alike.
-The state of tables that persist themselves (``DiskTable``) stays in their files and is not part of
+The state of ``Durable`` tables (the disk tier) stays in their files and is not part of
 ``state_dict``.
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-from engram.storage.base import TableStorage
+from engram.storage.base import LocalTable, TableStorage, durable
 from engram.training.sparse_adam import _check_hyperparameters, adam_rows
 
 
@@ -41,15 +44,15 @@ class RowOptimizer(ABC):
         self.tables = tables
         self.param_groups = [dict(hyper)]
         for table in tables:  # allocate the state now: a disk table's journal must cover it from the start
-            self._state(table.optimizer_target())
+            self._state(table.local_shard())
 
     @abstractmethod
-    def _state(self, table: TableStorage) -> dict[str, torch.Tensor]:
+    def _state(self, table: LocalTable) -> dict[str, torch.Tensor]:
         """The table's state arrays, allocated in its tier on first use."""
 
     @abstractmethod
-    def _update(self, table: TableStorage, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """Update rows (U,) of ``table`` given their gradient (U, D)."""
+    def _update(self, table: LocalTable, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update rows (U,) of ``table`` (as ``take_row_grad`` returns them) given their gradient (U, D)."""
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for table in self.tables:
@@ -72,14 +75,15 @@ class RowOptimizer(ABC):
     def step(self, grads: list[tuple[TableStorage, torch.Tensor, torch.Tensor]] | None = None) -> None:
         """Update the looked-up rows of every table that received a gradient (``grads``: from ``take_grads``)."""
         for table, rows, grad in self.take_grads() if grads is None else grads:
-            target = table.optimizer_target()
-            target.begin_update(rows)
-            self._update(target, rows, grad)
+            shard = table.local_shard()
+            shard.begin_update(rows)
+            self._update(shard, rows, grad)
 
     def state_dict(self) -> dict[str, Any]:
-        """Hyper-parameters, and the state arrays of the tables that do not persist themselves."""
-        targets = [table.optimizer_target() for table in self.tables]
-        state = {i: dict(self._state(target)) for i, target in enumerate(targets) if not target.persists_itself}
+        """Hyper-parameters, and the state arrays of the tables that are not ``Durable``."""
+        state = {
+            i: dict(self._state(table.local_shard())) for i, table in enumerate(self.tables) if durable(table) is None
+        }
         return {"param_groups": [dict(group) for group in self.param_groups], "state": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -89,11 +93,11 @@ class RowOptimizer(ABC):
         if "state" not in state_dict:
             return
         saved = state_dict["state"]
-        expected = {i for i, table in enumerate(self.tables) if not table.optimizer_target().persists_itself}
+        expected = {i for i, table in enumerate(self.tables) if durable(table) is None}
         if set(saved) != expected:
             raise ValueError(f"optimizer state holds tables {sorted(saved)}, this optimizer has {sorted(expected)}")
         for i, arrays in saved.items():
-            current = self._state(self.tables[i].optimizer_target())
+            current = self._state(self.tables[i].local_shard())
             if set(arrays) != set(current):
                 raise ValueError(f"table {i}: saved state {sorted(arrays)}, expected {sorted(current)}")
             for name, value in arrays.items():
@@ -121,17 +125,16 @@ class RowAdam(RowOptimizer):
         _check_hyperparameters({"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         super().__init__(tables, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
-    def _state(self, table: TableStorage) -> dict[str, torch.Tensor]:
+    def _state(self, table: LocalTable) -> dict[str, torch.Tensor]:
         return {
             "exp_avg": table.row_state("exp_avg", (table.dim,), table.dtype),
             "exp_avg_sq": table.row_state("exp_avg_sq", (table.dim,), table.dtype),
             "row_step": table.row_state("row_step", (), torch.int64),
         }
 
-    def _update(self, table: TableStorage, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        rows = rows.to(table.row_state("row_step", (), torch.int64).device)
+    def _update(self, table: LocalTable, rows: torch.Tensor, grad: torch.Tensor) -> None:
         param, m, v, step = adam_rows(
-            table.read_rows(rows),
+            table.gather(rows),
             grad.to(rows.device),
             table.read_state("exp_avg", rows),
             table.read_state("exp_avg_sq", rows),
@@ -141,7 +144,7 @@ class RowAdam(RowOptimizer):
         table.write_state("row_step", rows, step)
         table.write_state("exp_avg", rows, m)
         table.write_state("exp_avg_sq", rows, v)
-        table.write_rows(rows, param)
+        table.scatter(rows, param)
 
 
 class RowAdagrad(RowOptimizer):
@@ -154,15 +157,14 @@ class RowAdagrad(RowOptimizer):
             raise ValueError(f"eps must be > 0, got eps={eps}")
         super().__init__(tables, lr=lr, eps=eps)
 
-    def _state(self, table: TableStorage) -> dict[str, torch.Tensor]:
+    def _state(self, table: LocalTable) -> dict[str, torch.Tensor]:
         return {"sum_sq": table.row_state("sum_sq", (), torch.float32)}
 
-    def _update(self, table: TableStorage, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        rows = rows.to(table.row_state("sum_sq", (), torch.float32).device)
+    def _update(self, table: LocalTable, rows: torch.Tensor, grad: torch.Tensor) -> None:
         group = self.param_groups[0]
         g = grad.to(device=rows.device, dtype=torch.float32)  # (U, D)
         s = table.read_state("sum_sq", rows).add_(g.square().mean(dim=1))  # (U,)
         table.write_state("sum_sq", rows, s)
-        param = table.read_rows(rows).float()
+        param = table.gather(rows).float()
         param.sub_(g / (s.sqrt().add_(group["eps"])).unsqueeze(1) * group["lr"])
-        table.write_rows(rows, param)
+        table.scatter(rows, param)
