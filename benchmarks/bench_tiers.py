@@ -484,7 +484,7 @@ class Probe:
             (RowOptimizer, "step", "table optimizer step"),
             (DiskTable, "begin_update", "begin_update (journal)"),
             (UndoJournal, "protect", "journal protect"),
-            (OffloadedTable, "write_rows", "write_rows"),
+            (OffloadedTable, "scatter", "write_rows"),  # the optimizer's (unchecked) row writes
             (WriteBuffer, "_write_back_rows", WRITE_BACK),
             (journal_module.os, "fsync", "fsync (any file)"),
             (table_file_module, "row_checksums", "row checksums (reads and writes)"),

@@ -395,7 +395,7 @@ class Probe:
         (OffloadedTable, "fetch", "fetch (unique, gather, copy issue)"),
         (PendingRows, "result", "wait for prefetched rows"),
         (OffloadedTable, "take_row_grad", "take_row_grad"),
-        (OffloadedTable, "write_rows", "write_rows"),
+        (OffloadedTable, "scatter", "write_rows"),  # the optimizer's (unchecked) row writes
     )
 
     def __init__(self) -> None:

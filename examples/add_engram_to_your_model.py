@@ -13,8 +13,9 @@ about Engram except one line in ``Block.forward``. The Engram part takes four st
    produces sparse gradients (only the looked-up rows); ``StorageConfig(tier="host")`` or
    ``"disk"`` would move it off the device, and a process group would shard it;
 4. in the block, ``h = h + engram(h, hash_ids=...)`` before attention, and an optimizer pair:
-   ``engram.training.SparseRowAdam`` for the table (5x the learning rate, no weight decay, as in the
-   paper) and AdamW for everything else (AdamW cannot take sparse gradients).
+   ``engram.training.RowAdam`` for the table (5x the learning rate, no weight decay, as in the
+   paper; it updates only the looked-up rows, in whatever tier the table is) and AdamW for
+   everything else (AdamW cannot take sparse gradients).
 
 The script then trains the model for a few dozen steps on a few sentences and prints the loss, the
 Engram gate (how much memory the hidden state lets in) before and after, the loss with Engram
@@ -33,7 +34,7 @@ from torch.nn import functional as F
 
 from engram import CompressedTokenizer, Engram, EngramConfig, EngramIndexer
 from engram.storage import StorageConfig, place_tables
-from engram.training import SparseRowAdam
+from engram.training import RowAdam
 
 TEXT = (
     "Alexander the Great was a king of Macedon. As a boy, Alexander the Great tamed the horse Bucephalus, "
@@ -114,7 +115,7 @@ def main() -> None:
     rows, dim = Engram.table_shape(config, engram_block)
     # The layer builds its table plainly: a DeviceTable (an nn.Parameter behind the TableStorage interface,
     # rows drawn on first use) with dense gradients. Placement, a step of its own after the model is built,
-    # decides where it lives and turns on sparse gradients, which SparseRowAdam needs (AdamW cannot take them).
+    # decides where it lives and turns on sparse gradients, which RowAdam needs (AdamW cannot take them).
     engram_layer = Engram(config, engram_block, hidden_size=d_model)
     model = TinyLM(len(vocabulary), d_model, n_layers=2, n_heads=4, max_len=256, engrams={engram_block: engram_layer})
     place_tables(model, StorageConfig(tier="device"), sparse_grad=True)
@@ -126,12 +127,12 @@ def main() -> None:
     print(f"  heads' prime table sizes {engram_layer.head_sizes}")
     print(f"  hash ids {tuple(hash_ids[engram_block].shape)} = (B, T, (N-1)*K)")
 
-    # Two optimizers: sparse Adam on the looked-up rows of the table, AdamW on everything else.
-    dense = [p for p in model.parameters() if p is not table.weight]
-    optimizers = [
-        SparseRowAdam([table.weight], lr=5 * args.lr, betas=(0.9, 0.95)),
-        torch.optim.AdamW(dense, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1),
-    ]
+    # Two optimizers: Adam on the looked-up rows of the table (its state lives beside the table, in its tier),
+    # AdamW on everything else (a device table's weight is a parameter of the model, but not AdamW's).
+    table_params = {id(p) for p in table.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in table_params]
+    table_optimizer = RowAdam([table], lr=5 * args.lr, betas=(0.9, 0.95))
+    dense_optimizer = torch.optim.AdamW(dense, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def loss_of(logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -146,18 +147,21 @@ def main() -> None:
         loss = loss_of(model(inputs, hash_ids))
         if step == 0:
             print(f"gate at step 0:    {gate_stats()}")
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        table_optimizer.zero_grad()
+        dense_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if step == 0:
-            grad = table.weight.grad
-            touched = grad.coalesce().indices()[0].numel()
+            sparse = table.weight.grad.is_sparse
+        # The table's gradient per looked-up row, summed over its lookups: [(table, rows (U,), grad (U, dim))].
+        grads = table_optimizer.take_grads()
+        if step == 0:
+            touched = grads[0][1].numel()
             print(
-                f"table gradient: sparse={grad.is_sparse}, {touched} of {rows:,} rows touched "
+                f"table gradient: sparse={sparse}, {touched} of {rows:,} rows touched "
                 f"({inputs.numel()} positions x {engram_layer.n_heads} heads, repeated n-grams share rows)"
             )
-        for optimizer in optimizers:
-            optimizer.step()
+        table_optimizer.step(grads)  # (or step() alone, which takes the gradients itself)
+        dense_optimizer.step()
         losses.append(loss.item())
         if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step:3d}  loss {loss.item():.3f}")

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engram.storage.base import TableStorage
+from engram.storage.base import LocalTable
 from engram.storage.init import draw_seed, fill_normal_rows
 from engram.storage.prefetch import PendingRows
 
 
-class DeviceTable(TableStorage):
+class DeviceTable(LocalTable):
     """Table held as an ``nn.Parameter`` (moves with ``model.to(...)``, saved in ``state_dict``).
 
     The rows are drawn when first used, not when the table is built: until then the parameter is a
@@ -90,14 +90,12 @@ class DeviceTable(TableStorage):
         return F.embedding(indices, self.weight, sparse=self.sparse_grad)
 
     @torch.no_grad()
-    def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.weight[self.check_rows(rows).to(self.weight.device)].clone()
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight.index_select(0, rows)
 
     @torch.no_grad()
-    def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        rows = self.check_rows(rows)
-        self._check_values(rows, values)
-        self.weight.index_copy_(0, rows.to(self.weight.device), values.to(self.weight))
+    def scatter(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        self.weight.index_copy_(0, rows, values.to(self.weight))
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         grad = self._parameters["weight"].grad  # None while the rows are not drawn

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from engram.storage.base import Durable
 from engram.storage.init import draw_seed
 from engram.storage.journal import UndoJournal
 from engram.storage.offload import OffloadedTable
@@ -46,12 +47,15 @@ class TableStateError(ValueError):
     """A disk table cannot be brought back to the state a checkpoint needs."""
 
 
-class DiskTable(OffloadedTable):
+class DiskTable(OffloadedTable, Durable):
     """Table rows (and optimizer state) in memory-mapped files under ``directory``.
 
     Opens the table in ``directory`` if there is one (checking its shape and dtype), else creates
     it with rows ~ N(0, init_std^2) of ``seed`` (``engram.storage.init``: the same rows as a device
     or host table of that seed).
+
+    It is the one ``Durable`` tier: checkpoints do not copy its rows, they bracket their folder with
+    ``prepare_checkpoint`` and ``commit_checkpoint``, and resuming calls ``restore_checkpoint``.
 
     Args:
         directory: the table's folder.
@@ -70,8 +74,6 @@ class DiskTable(OffloadedTable):
             the hot-row cache were checked when they were read from the file. Checksums are written
             either way. Files of format 1 (written before row checksums) are read unchecked.
     """
-
-    persists_itself = True
 
     def __init__(
         self,

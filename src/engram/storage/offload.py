@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from engram.storage.base import TableStorage
+from engram.storage.base import LocalTable
 from engram.storage.init import draw_seed, fill_normal_rows
 from engram.storage.prefetch import FetchedRows, PendingRows
 from engram.storage.row_cache import RowCache
 from engram.storage.row_grad import RowGradients
 
 
-class OffloadedTable(TableStorage):
+class OffloadedTable(LocalTable):
     """Rows in a CPU tensor (in memory or memory-mapped), fetched to the compute device per lookup.
 
     The weight is deliberately neither a parameter nor a buffer: ``model.to("cuda")`` must not
@@ -35,7 +35,7 @@ class OffloadedTable(TableStorage):
         if weight.dim() != 2 or weight.device.type != "cpu":
             raise ValueError(f"an offloaded table needs a 2-D CPU tensor, got {tuple(weight.shape)} on {weight.device}")
         super().__init__(weight.shape[0], weight.shape[1])
-        self.weight = weight
+        self._weight = weight
         self.cache = RowCache(cache_bytes, self.dim, weight.dtype) if cache_bytes > 0 else None
         self.prefetch_enabled = prefetch
         self._row_grads = RowGradients()
@@ -70,9 +70,23 @@ class OffloadedTable(TableStorage):
         fetched = prefetched.result(indices) if prefetched is not None else self.fetch(indices)
         return self._row_grads.expand(fetched, track=self.training and torch.is_grad_enabled())
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The (R, D) CPU tensor holding the rows (for a disk table: mapped from its file; rows in the write-back
+        buffer reach it at a ``flush``)."""
+        return self._weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._weight.dtype
+
+    @property
+    def home_device(self) -> torch.device:
+        return torch.device("cpu")
+
     @torch.no_grad()
-    def read_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self._read_weight(self.check_rows(rows).cpu())
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._read_weight(rows)
 
     def _read_weight(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows (U,) of the weight, (U, D), from where the tier keeps them (into ``out`` if given)."""
@@ -85,13 +99,11 @@ class OffloadedTable(TableStorage):
 
     # -- writing -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        rows = self.check_rows(rows).cpu()
-        self._check_values(rows, values)
+    def scatter(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         values = values.to(device="cpu", dtype=self.weight.dtype)
         self._write_weight(rows, values)
         if self.cache is not None:
-            self.cache.update(rows, values)
+            self.cache.write_through(rows, values)
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         total = self._row_grads.take(self.num_rows, self.dim)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engram.storage.base import TableStorage
+from engram.storage.base import LocalTable, TableStorage
 from engram.storage.config import DTYPES, StorageConfig
 from engram.storage.device import DeviceTable
 from engram.storage.disk import WEIGHT_FILE, DiskTable
@@ -125,7 +125,7 @@ def _check_plain(table: TableStorage, layer_id: int) -> None:
 
 def _local_table(
     storage: StorageConfig, directory: Path | None, source: DeviceTable, start: int, end: int, sparse_grad: bool
-) -> TableStorage:
+) -> LocalTable:
     """Rows ``[start, end)`` of ``source`` in the configured tier: from its seed, or copied if it has drawn them."""
     dtype = DTYPES[storage.dtype]
     rows = source.weight.detach()[start:end] if source.materialized else None  # (end - start, D) or None

@@ -183,7 +183,11 @@ class RowCache:
         count change).
         """
         rows = self._check_rows(rows)
-        values = self._check_values(values, rows.numel())
+        self.write_through(rows, self._check_values(values, rows.numel()))
+
+    def write_through(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """``update`` without its checks, for a table's optimizer writing the rows ``take_row_grad`` gave it:
+        ``rows`` (n,) distinct int64 ids and ``values`` (n, dim), both on the cache's device, in its dtype."""
         slots = rows % self.num_slots
         hit = self.tags[slots] == rows
         self.values[slots[hit]] = values[hit]

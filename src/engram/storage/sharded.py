@@ -14,7 +14,8 @@ Backward leaves each rank a gradient for its U rows; ``take_row_grad`` sends eve
 to its owner the same way, and the owner sums what it receives and divides by the world size: each
 rank's loss is the mean over its own tokens, so this is the gradient of the mean over the combined
 batch, as DDP's all-reduce gives the dense parameters. The sparse optimizer then updates the owner's
-local table (``optimizer_target``), whose state lives in the local tier.
+local table (``local_shard``), whose state lives in the local tier; a disk shard is checkpointed in
+place (``Durable``), and the sharded table itself has no durability of its own.
 
 Bytes exchanged per lookup: U x 8 (ids) out, U x dim x itemsize (rows) back, and the same row bytes
 again for the gradient: the minimum for moving each distinct row once each way.
@@ -28,7 +29,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from engram.storage.base import TableStorage
+from engram.storage.base import LocalTable, TableStorage
 from engram.storage.prefetch import FetchedRows, PendingRows
 from engram.storage.row_grad import RowGradients
 
@@ -46,7 +47,7 @@ class ShardedTable(TableStorage):
 
     Args:
         num_rows, dim: the whole table's shape.
-        local: this rank's shard, a table of ``end - start`` rows (``shard_ranges``) in any tier.
+        local: this rank's shard, a ``LocalTable`` of ``end - start`` rows (``shard_ranges``) in any tier.
         group: the process group (default: the world).
         grad_reduction: ``"mean"`` (default, as DDP) or ``"sum"`` of the ranks' gradients of a row.
 
@@ -61,7 +62,7 @@ class ShardedTable(TableStorage):
         self,
         num_rows: int,
         dim: int,
-        local: TableStorage,
+        local: LocalTable,
         group: dist.ProcessGroup | None = None,
         grad_reduction: Literal["mean", "sum"] = "mean",
     ):
@@ -73,6 +74,8 @@ class ShardedTable(TableStorage):
         self.world_size = dist.get_world_size(group)
         self.ranges = shard_ranges(num_rows, self.world_size)  # every rank's [start, end)
         self.start, self.end = self.ranges[self.rank]
+        if not isinstance(local, LocalTable):
+            raise TypeError(f"a ShardedTable's local shard must be a LocalTable (a tier), got {type(local).__name__}")
         if (local.num_rows, local.dim) != (self.end - self.start, dim):
             raise ValueError(
                 f"rank {self.rank} owns rows [{self.start}, {self.end}) of the table: its local table must be "
@@ -96,28 +99,10 @@ class ShardedTable(TableStorage):
     def home_device(self) -> torch.device:
         return self.local.home_device
 
-    def optimizer_target(self) -> TableStorage:
+    def local_shard(self) -> LocalTable:
+        """This rank's rows ``[start, end)``: the optimizer updates them, and checkpoints save (or, for a
+        ``Durable`` shard, bracket) them."""
         return self.local
-
-    # -- durability: this rank's shard is its local table ----------------------------------------------
-    @property
-    def persists_itself(self) -> bool:  # type: ignore[override]
-        return self.local.persists_itself
-
-    def flush(self) -> None:
-        self.local.flush()
-
-    def prepare_checkpoint(self, step: int) -> None:
-        self.local.prepare_checkpoint(step)
-
-    def commit_checkpoint(self, step: int) -> None:
-        self.local.commit_checkpoint(step)
-
-    def restore_checkpoint(self, step: int) -> None:
-        self.local.restore_checkpoint(step)
-
-    def check_untrained(self) -> None:
-        self.local.check_untrained()
 
     # -- the exchange ------------------------------------------------------------------------------------
     def _comm_device(self) -> torch.device:
@@ -154,7 +139,8 @@ class ShardedTable(TableStorage):
         rows = self.check_rows(rows)
         send, recv = self._counts(rows)
         asked = self._exchange(rows, send, recv)  # rows other ranks want from me (global ids)
-        served = self.local.read_rows(asked.to(self.local.home_device) - self.start)
+        # in range by construction: each rank checked its own rows and sent them to their owners
+        served = self.local.gather(asked.to(self.local.home_device) - self.start)
         values = self._exchange(served, recv, send).to(indices.device)  # (U, dim), in the order of rows
         return FetchedRows(rows.cpu(), inverse.view(indices.shape), values)
 
@@ -205,9 +191,6 @@ class ShardedTable(TableStorage):
 
     def zero_row_grad(self) -> None:
         self._row_grads.zero()
-
-    def _new_row_state(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        raise RuntimeError("a sharded table keeps optimizer state in its local table: use optimizer_target()")
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}/{self.world_size}, rows=[{self.start}, {self.end})"

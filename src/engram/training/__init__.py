@@ -5,7 +5,6 @@ from engram.training.config import TrainConfig, lr_factor
 from engram.training.distributed import init_distributed
 from engram.training.errors import DamagedCheckpointError, NonFiniteError, NoUsableCheckpointError, TrainingInterrupted
 from engram.training.row_optim import RowAdagrad, RowAdam, RowOptimizer
-from engram.training.sparse_adam import SparseRowAdam
 from engram.training.trainer import Trainer, build_optimizers, seed_everything
 
 __all__ = [
@@ -15,7 +14,6 @@ __all__ = [
     "RowAdagrad",
     "RowAdam",
     "RowOptimizer",
-    "SparseRowAdam",
     "TrainConfig",
     "Trainer",
     "TrainingInterrupted",

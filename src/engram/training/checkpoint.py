@@ -20,8 +20,8 @@ Loading re-shards: each rank reads the rows of its own range from the shard file
 (safetensors slices, not whole files), so a checkpoint written by 2 ranks resumes on 4 or on one
 process. A missing shard, or one whose size or SHA-256 differs from the manifest, is refused.
 
-Tables that persist themselves (the disk tier) are not copied: their files are the checkpoint, made
-consistent by two phases around the folder (``prepare_checkpoint``, write the folder,
+``Durable`` tables (the disk tier; ``engram.storage.durable``) are not copied: their files are the
+checkpoint, made consistent by two phases around the folder (``prepare_checkpoint``, write the folder,
 ``commit_checkpoint``). They can only be restored to the newest checkpoint, at the world size that
 wrote it.
 """
@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 
 from engram._files import fsync_dir, fsync_file, sha256_file, swap_into_place
 from engram.model.lm import EngramLM
-from engram.storage.base import TableStorage
+from engram.storage.base import TableStorage, durable
 from engram.storage.config import StorageConfig
 from engram.storage.sharded import ShardedTable
 from engram.training.checkpoint_io import checkpoint_complete, load_state, save_state
@@ -105,14 +105,14 @@ def _table_state_keys(model: EngramLM) -> set[str]:
 
 
 def _shard_tensors(tables: dict[int, TableStorage]) -> dict[str, torch.Tensor]:
-    """This process's rows of every table that does not persist itself, and of its row optimizer state."""
+    """This process's rows of every table that is not ``Durable``, and of its row optimizer state."""
     tensors = {}
     for layer, table in tables.items():
-        target = table.optimizer_target()
-        if target.persists_itself:
+        if durable(table) is not None:
             continue
-        tensors[shard_key(layer, "weight")] = target.weight.detach().cpu().contiguous()
-        for name, state in target.row_states().items():
+        shard = table.local_shard()
+        tensors[shard_key(layer, "weight")] = shard.weight.detach().cpu().contiguous()
+        for name, state in shard.row_states().items():
             tensors[shard_key(layer, name)] = state.detach().cpu().contiguous()
     return tensors
 
@@ -121,16 +121,15 @@ def _table_entries(tables: dict[int, TableStorage]) -> dict[str, Any]:
     """The manifest's description of each table."""
     entries = {}
     for layer, table in tables.items():
-        target = table.optimizer_target()
         states = {
             name: {"row_shape": list(state.shape[1:]), "dtype": _dtype_name(state.dtype)}
-            for name, state in target.row_states().items()
+            for name, state in table.local_shard().row_states().items()
         }
         entries[str(layer)] = {
             "num_rows": table.num_rows,
             "dim": table.dim,
             "dtype": _dtype_name(table.dtype),
-            "persisted": target.persists_itself,
+            "persisted": durable(table) is not None,
             "states": states,
         }
     return entries
@@ -205,7 +204,7 @@ def save_checkpoint(
             f"the checkpoint of step {step} was not written: the state holds NaN or infinite values "
             f"({where or 'on another rank'})"
         )
-    persisted = [table for table in tables.values() if table.persists_itself]
+    persisted = [shard for shard in map(durable, tables.values()) if shard is not None]
     for table in persisted:
         table.prepare_checkpoint(step)
     if me == 0:
@@ -437,19 +436,20 @@ def _load_tables(reader: ShardReader, model: EngramLM, with_state: bool) -> None
     """Fill every table (and, ``with_state``, its row optimizer state) with this process's rows."""
     step = int(reader.manifest["step"])
     for layer, table in _tables(model).items():
-        target = table.optimizer_target()
-        if target.persists_itself:
-            table.restore_checkpoint(step)
+        in_place = durable(table)
+        if in_place is not None:
+            in_place.restore_checkpoint(step)
             continue
+        shard = table.local_shard()
         start, end = _row_range(table)
         for first, values in reader.iter_rows(layer, "weight", start, end):
-            target.write_rows(torch.arange(first, first + len(values)), values)
+            shard.write_rows(torch.arange(first, first + len(values)), values)
         if not with_state:
             continue
-        for name, state in target.row_states().items():
+        for name, state in shard.row_states().items():
             for first, values in reader.iter_rows(layer, name, start, end):
                 rows = torch.arange(first, first + len(values), device=state.device)
-                target.write_state(name, rows, values.to(state.device))
+                shard.write_state(name, rows, values.to(state.device))
 
 
 def _check_tables_fit(path: Path, manifest: dict[str, Any], model: EngramLM, with_state: bool) -> None:
@@ -459,8 +459,7 @@ def _check_tables_fit(path: Path, manifest: dict[str, Any], model: EngramLM, wit
         if entry is None or (entry["num_rows"], entry["dim"]) != (table.num_rows, table.dim):
             found = "no such table" if entry is None else f"a ({entry['num_rows']}, {entry['dim']}) table"
             raise ValueError(f"checkpoint {path} holds {found} for layer {layer}; the model has {table}")
-        target = table.optimizer_target()
-        if target.persists_itself:
+        if durable(table) is not None:
             if manifest["world_size"] != world_size():
                 raise ValueError(
                     f"the disk tables of checkpoint {path} are sharded over {manifest['world_size']} ranks and "
@@ -468,7 +467,7 @@ def _check_tables_fit(path: Path, manifest: dict[str, Any], model: EngramLM, wit
                     "re-sharded; tables in the device or host tier are)"
                 )
             continue
-        allocated = target.row_states()
+        allocated = table.local_shard().row_states()
         if with_state and set(allocated) != set(entry["states"]):
             raise ValueError(
                 f"checkpoint {path} holds table optimizer state {sorted(entry['states'])} for layer {layer}, "

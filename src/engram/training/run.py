@@ -25,6 +25,7 @@ from engram.hashing.compression import CompressedTokenizer
 from engram.hashing.indexer import EngramIndexer
 from engram.model.config import ModelConfig
 from engram.model.lm import EngramLM
+from engram.storage.base import durable
 from engram.storage.config import StorageConfig
 from engram.storage.disk import WEIGHT_FILE
 from engram.storage.placement import place_tables
@@ -156,7 +157,8 @@ def start_run(spec: RunSpec, run_dir: str | Path, progress: bool = True) -> Trai
         )
         if not step_folders(run_dir / "checkpoints"):  # a custom storage.directory may hold another run's tables
             for table in model.engram_tables():
-                table.check_untrained()
+                if (in_place := durable(table)) is not None:
+                    in_place.check_untrained()
         trainer.resume()
         if rank() == 0:
             write_spec(run_dir, spec)

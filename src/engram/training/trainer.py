@@ -31,6 +31,7 @@ from engram._files import FolderLock
 from engram.data.batches import RandomWindows
 from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.lm import EngramLM
+from engram.storage.base import durable
 from engram.storage.disk import TableStateError
 from engram.storage.sharded import ShardedTable
 from engram.training.checkpoint import (
@@ -300,7 +301,8 @@ class Trainer:
         self._stop_signal, self._stopping = None, False
         if self.step == 0:  # a disk table trained by an earlier, crashed attempt must not be reused silently
             for table in self.model.engram_tables():
-                table.check_untrained()
+                if (in_place := durable(table)) is not None:
+                    in_place.check_untrained()
         losses: list[float] = []
         tokens_per_step = self.config.batch_size * self.config.seq_len
         bar = tqdm(
