@@ -20,7 +20,10 @@ same model with dense SwiGLU FFNs instead of the MoE (``--models``), which isola
 2. Eager step time: two trainers of the same model and seed, stepping in turn (the order flips
    every round), one with the debug checks on (the value checks of every component, as before
    they moved to the boundary), one without; medians and the 10th-90th percentile spread. Without
-   ``set_debug_checks`` both run the same code.
+   ``set_debug_checks`` both run the same code. With ``--compare-source DIR`` (a folder holding
+   another version's ``engram`` package, e.g. ``git archive <commit> src | tar -x -C /tmp/before``
+   gives ``/tmp/before/src``) the step is also timed against that version: two worker processes,
+   one per version, step in turn, so the machine's changing load hits both alike.
 3. ``torch.compile``: the trainer's forward module replaced by ``torch.compile(model, backend=...)``
    (``--backend``, default ``aot_eager``: Dynamo's graph capture plus AOT autograd's backward
    graph; breaks are found by Dynamo whatever the backend), ``--compile-steps`` training steps, the
@@ -34,6 +37,7 @@ Run from the repository root::
     python benchmarks/bench_host_syncs.py             # plain text
     python benchmarks/bench_host_syncs.py --markdown  # markdown for docs/benchmarks.md
     python benchmarks/bench_host_syncs.py --json out.json
+    python benchmarks/bench_host_syncs.py --compare-source /tmp/before/src  # before/after step times
 
 Takes about 2-4 minutes on a 2-core machine (most of it compiling). Exits 0; the output says what
 it found.
@@ -45,8 +49,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -165,7 +171,7 @@ def reads_summary(reads: list[Read]) -> dict[str, Any]:
 
 def time_steps(name: str, args: argparse.Namespace, tokenizer, tokens) -> dict[str, list[float]]:
     """Milliseconds per train_step of two identical trainers, debug checks off and on, alternating."""
-    trainers = {"checks at the boundary": make_trainer(name, args, tokenizer, tokens)}
+    trainers = {"default": make_trainer(name, args, tokenizer, tokens)}
     trainers["debug checks on" if has_debug_flag() else "same code again"] = make_trainer(name, args, tokenizer, tokens)
     times: dict[str, list[float]] = {label: [] for label in trainers}
     labels = list(trainers)
@@ -177,6 +183,69 @@ def time_steps(name: str, args: argparse.Namespace, tokenizer, tokens) -> dict[s
                 elapsed = time.perf_counter() - start
             if i >= args.warmup:
                 times[label].append(elapsed * 1e3)
+    return times
+
+
+class _StepWorker:
+    """A trainer in a process of its own, with the library from ``source`` (a folder holding ``engram``)."""
+
+    def __init__(self, name: str, args: argparse.Namespace, source: Path):
+        command = [sys.executable, __file__, "--worker", name, "--batch", str(args.batch), "--seq-len"]
+        command += [str(args.seq_len), "--seed", str(args.seed), "--threads", str(args.threads)]
+        env = {**os.environ, "PYTHONPATH": str(source)}
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.source = self._reply()  # the engram it imported
+
+    def _reply(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the step worker exited with code {self.process.wait()}")
+        return line.strip()
+
+    def step(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        return float(self._reply())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """``--worker``: build the trainer, then time one train_step per ``step`` line read from stdin."""
+    torch.set_num_threads(args.threads)
+    tokenizer = CompressedTokenizer(sonnets_tokenizer(), cache_dir=False)
+    trainer = make_trainer(args.worker, args, tokenizer, sonnets_tokens()[0])
+    print(Path(engram.__file__).resolve().parent, flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        start = time.perf_counter()
+        trainer.train_step()
+        print(f"{(time.perf_counter() - start) * 1e3:.6f}", flush=True)
+    return 0
+
+
+def time_sources(name: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Milliseconds per train_step of this library and of ``--compare-source``'s, each in a worker
+    process, stepping in turn (the order flips every round): the same load hits both."""
+    here = Path(engram.__file__).resolve().parents[1]
+    workers = {
+        "this source": _StepWorker(name, args, here),
+        "--compare-source": _StepWorker(name, args, args.compare_source),
+    }
+    times: dict[str, list[float]] = {label: [] for label in workers}
+    labels = list(workers)
+    try:
+        for i in range(args.warmup + args.steps):
+            for label in labels if i % 2 == 0 else reversed(labels):
+                elapsed = workers[label].step()
+                if i >= args.warmup:
+                    times[label].append(elapsed)
+    finally:
+        for worker in workers.values():
+            worker.close()
     return times
 
 
@@ -283,7 +352,9 @@ def reads_lines(name: str, label: str, reads: list[Read], md: bool) -> list[str]
     ]
 
 
-def timing_lines(name: str, times: dict[str, list[float]], args: argparse.Namespace, md: bool) -> list[str]:
+def timing_lines(
+    name: str, times: dict[str, list[float]], args: argparse.Namespace, md: bool, what: str = "alternating"
+) -> list[str]:
     body = []
     base = statistics.median(next(iter(times.values())))
     for label, samples in times.items():
@@ -291,9 +362,9 @@ def timing_lines(name: str, times: dict[str, list[float]], args: argparse.Namesp
         body.append([label, str(len(samples)), f"{median:.1f}", f"{low:.1f} - {high:.1f}", f"{median / base:.3f}x"])
     return [
         f"{name}: eager `train_step`, {args.batch} x {args.seq_len} tokens, {args.threads} thread(s), "
-        f"{args.steps} timed steps each after {args.warmup} warmup, alternating.",
+        f"{args.steps} timed steps each after {args.warmup} warmup, {what}.",
         "",
-        *format_table(["configuration", "steps", "median ms", "p10 - p90 ms", "vs boundary"], body, md),
+        *format_table(["configuration", "steps", "median ms", "p10 - p90 ms", "vs first row"], body, md),
     ]
 
 
@@ -328,9 +399,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="aot_eager", help="torch.compile backend (default aot_eager)")
     parser.add_argument("--compile-steps", type=int, default=3, help="training steps compiled (default 3; 0: skip)")
     parser.add_argument("--no-timing", action="store_true", help="skip part 2 (eager step times)")
+    parser.add_argument(
+        "--compare-source",
+        type=Path,
+        help="also time the step with the engram package under this folder (e.g. an export of an older "
+        "commit's src/), in worker processes stepping in turn with this one's",
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--markdown", action="store_true", help="print markdown for docs/benchmarks.md")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    if args.compare_source is not None and not (args.compare_source / "engram" / "__init__.py").is_file():
+        parser.error(f"--compare-source: no engram package in {args.compare_source}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown or not args.models:
@@ -347,6 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.worker:
+        return worker_main(args)
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     md = args.markdown
@@ -361,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         reads = count_reads(make_trainer(name, args, tokenizer, tokens), args.warmup, debug=False)
         entry["reads"] = reads_summary(reads)
         sections += [heading(f"Host reads of one training step: {name}"), ""]
-        sections += [*reads_lines(name, "checks at the boundary", reads, md), ""]
+        sections += [*reads_lines(name, "default", reads, md), ""]
         if has_debug_flag():
             debug_reads = count_reads(make_trainer(name, args, tokenizer, tokens), args.warmup, debug=True)
             entry["reads_debug"] = reads_summary(debug_reads)
@@ -372,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
             times = time_steps(name, args, tokenizer, tokens)
             entry["step_ms"] = times
             sections += [heading(f"Eager step time: {name}"), "", *timing_lines(name, times, args, md), ""]
+        if args.compare_source is not None:
+            times = time_sources(name, args)
+            entry["step_ms_sources"] = times
+            what = f"alternating between two worker processes (--compare-source {args.compare_source})"
+            sections += [*timing_lines(name, times, args, md, what), ""]
         if args.compile_steps:
             results = [compile_check(name, args, tokenizer, tokens, capture, eager_losses) for capture in (False, True)]
             entry["compile"] = results
