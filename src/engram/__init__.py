@@ -1,5 +1,6 @@
 """engram: conditional memory for language models (hashed n-gram lookup, gated into the residual stream)."""
 
+from engram._checks import debug_checks, set_debug_checks
 from engram.config import EngramConfig
 from engram.hashing import CompressedTokenizer, EngramIndexer, NgramHasher, engram_table_sizes
 from engram.memory import Engram
@@ -15,5 +16,7 @@ __all__ = [
     "EngramIndexer",
     "NgramHasher",
     "TableStorage",
+    "debug_checks",
     "engram_table_sizes",
+    "set_debug_checks",
 ]

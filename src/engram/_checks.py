@@ -2,13 +2,49 @@
 
 Bad input fails loudly with a message that names the value and what was expected; nothing is
 clamped or wrapped silently.
+
+Checks of dtypes and shapes read only metadata and always run. Checks of id *values* (ranges) read
+the tensor on the host: on a GPU each is a device-to-host sync, and under ``torch.compile`` a graph
+break. They run once, where the ids enter (``EngramLM.forward``, ``generate``, the training batches
+on the host, a component called directly), and not again in the components the ids then pass
+through (compressor, hasher, layer), whose inputs are valid by construction; internal callers pass
+``check_ids=False``. ``set_debug_checks(True)`` (or ``ENGRAM_DEBUG_CHECKS=1`` in the environment)
+brings every inner check back, to find where a bad value comes from.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
+
+_debug_checks = os.environ.get("ENGRAM_DEBUG_CHECKS", "").strip() not in ("", "0")
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Run the value checks of every component, also those an internal caller skips (slow: debugging only).
+
+    Off by default, unless the environment variable ``ENGRAM_DEBUG_CHECKS`` is set to anything but
+    ``0`` when ``engram`` is imported.
+    """
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+def debug_checks() -> bool:
+    """Whether ``set_debug_checks`` (or ``ENGRAM_DEBUG_CHECKS``) turned the inner value checks on."""
+    return _debug_checks
+
+
+def checks_values(requested: bool = True) -> bool:
+    """Whether a component checks id values now: when its caller asks for it (``check_ids=True``, the
+    default of every public entry point) or in debug mode (``set_debug_checks``).
+
+    Not while ``torch.compile`` traces (outside debug mode): a check reads values on the host, which
+    would split the compiled graph; shapes and dtypes are still checked.
+    """
+    return _debug_checks or (requested and not torch.compiler.is_compiling())
 
 
 def as_id_tensor(ids: torch.Tensor, name: str, ndim: int | None = None) -> torch.Tensor:
@@ -27,11 +63,31 @@ def as_id_tensor(ids: torch.Tensor, name: str, ndim: int | None = None) -> torch
     return ids.long()
 
 
-def check_id_range(ids: torch.Tensor, low: int, high: int, name: str, hint: str = "") -> None:
-    """Raise if any id lies outside ``[low, high)``; the message names the offending extreme."""
+def id_extremes(ids: torch.Tensor) -> tuple[int, int] | None:
+    """``(min, max)`` of ``ids`` in one host read; None for an empty or ``meta`` tensor (no values)."""
     if ids.numel() == 0 or ids.device.type == "meta":  # meta tensors carry shapes only
-        return
-    lo, hi = (int(v) for v in torch.aminmax(ids))
+        return None
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    return lo, hi
+
+
+def check_id_range(
+    ids: torch.Tensor,
+    low: int,
+    high: int,
+    name: str,
+    hint: str = "",
+    extremes: tuple[int, int] | None = None,
+) -> None:
+    """Raise if any id lies outside ``[low, high)``; the message names the offending extreme.
+
+    One host read (``id_extremes``), none if the caller passes the ``extremes`` it has read already.
+    """
+    if extremes is None:
+        extremes = id_extremes(ids)
+        if extremes is None:
+            return
+    lo, hi = extremes
     if lo < low or hi >= high:
         bad = lo if lo < low else hi
         raise ValueError(f"{name} contains id {bad}, outside the valid range [{low}, {high}){hint}")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, normalizers
 
-from engram._checks import as_id_tensor, check_id_range
+from engram._checks import as_id_tensor, check_id_range, checks_values
 
 # Bump when the construction below changes, so that stale cached tables are never reused.
 _TABLE_FORMAT = "engram-compression-v1"
@@ -220,8 +220,11 @@ class CompressedTokenizer:
         return f"CompressedTokenizer(raw_vocab_size={self.raw_vocab_size}, canonical={len(self)})"
 
     # -- mapping --------------------------------------------------------------------------------
-    def __call__(self, ids: Any) -> Any:
+    def __call__(self, ids: Any, check_ids: bool = True) -> Any:
         """Canonical ids for raw ids; a tensor stays a tensor on its device, anything else becomes NumPy.
+
+        ``check_ids=False`` skips the range check of a tensor (a host read) for callers that checked
+        the ids already (``EngramIndexer``); ids beyond the table then fail in the gather itself.
 
         Raises:
             TypeError: the ids are not integers.
@@ -230,7 +233,8 @@ class CompressedTokenizer:
         hint = f" (tokenizer has {self.raw_vocab_size} ids; negative ids pass through unchanged)"
         if isinstance(ids, torch.Tensor):
             ids = as_id_tensor(ids, "input_ids")
-            check_id_range(ids, -(2**63), self.raw_vocab_size, "input_ids", hint)
+            if checks_values(check_ids):
+                check_id_range(ids, -(2**63), self.raw_vocab_size, "input_ids", hint)
             table = self.table_on(ids.device)
             return torch.where(ids >= 0, table[ids.clamp(min=0)], ids)
         arr = np.asarray(ids)
@@ -241,6 +245,7 @@ class CompressedTokenizer:
             raise ValueError(f"input_ids contains id {arr.max()}, outside the valid range{hint}")
         return np.where(arr >= 0, self.lookup_table[np.maximum(arr, 0)], arr)
 
+    @torch._dynamo.assume_constant_result
     def table_on(self, device: torch.device | str) -> torch.Tensor:
         """The lookup table as an int64 tensor on ``device`` (copied once per device)."""
         device = torch.device(device)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from engram._checks import as_id_tensor, check_id_range
+from engram._checks import as_id_tensor, check_id_range, checks_values
 from engram.config import EngramConfig
 from engram.hashing.compression import CompressedTokenizer
 from engram.hashing.ngram import NgramHasher
@@ -71,26 +71,48 @@ class EngramIndexer:
             separator_id=separator_id,
         )
 
-    def canonical(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The ids the hash reads for raw ids (B, T): canonical ids, or the raw ids without compression."""
-        if self.config.compress_tokens:
-            return self.compressor(input_ids)
-        ids = as_id_tensor(input_ids, "input_ids")
+    def check_raw_ids(
+        self, input_ids: torch.Tensor, name: str = "input_ids", extremes: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """Check raw ids for the indexer: integers in ``[0, raw vocabulary)``; return them as int64.
+
+        One host read (none with the ``extremes`` a caller read already). Whatever passes gives
+        canonical ids, and so hash ids, in range: nothing after this checks values again.
+        """
+        ids = as_id_tensor(input_ids, name)
         n_raw = self.compressor.raw_vocab_size
-        check_id_range(ids, 0, n_raw, "input_ids", f" of the tokenizer's {n_raw} raw ids (compress_tokens=False)")
+        hint = (
+            f" of the tokenizer's {n_raw} raw ids; replace negative padding markers with the pad id"
+            if self.config.compress_tokens
+            else f" of the tokenizer's {n_raw} raw ids (compress_tokens=False)"
+        )
+        check_id_range(ids, 0, n_raw, name, hint, extremes)
         return ids
 
-    def __call__(self, input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Row indices of every layer for raw ids (B, T): ``{layer_id: (B, T, (N-1)*K) int64}``."""
-        canonical = self.canonical(input_ids)
+    def canonical(self, input_ids: torch.Tensor, check_ids: bool = True) -> torch.Tensor:
+        """The ids the hash reads for raw ids (B, T): canonical ids, or the raw ids without compression.
+
+        ``check_ids=False``: the caller has checked the raw ids (``check_raw_ids``) already.
+        """
+        ids = self.check_raw_ids(input_ids) if checks_values(check_ids) else as_id_tensor(input_ids, "input_ids")
+        return self.compressor(ids, check_ids=False) if self.config.compress_tokens else ids
+
+    def __call__(self, input_ids: torch.Tensor, check_ids: bool = True) -> dict[int, torch.Tensor]:
+        """Row indices of every layer for raw ids (B, T): ``{layer_id: (B, T, (N-1)*K) int64}``.
+
+        The raw ids are checked once (a host read; ``check_ids=False`` skips it for callers that
+        checked them), the canonical ids and hashes that follow from them are in range by construction.
+        """
+        canonical = self.canonical(input_ids, check_ids)
         return {lid: self._rows(canonical, lid) for lid in self.hasher.layer_ids}
 
-    def hash_layer(self, input_ids: torch.Tensor, layer_id: int) -> torch.Tensor:
+    def hash_layer(self, input_ids: torch.Tensor, layer_id: int, check_ids: bool = True) -> torch.Tensor:
         """Row indices of one layer for raw ids (B, T)."""
-        return self._rows(self.canonical(input_ids), layer_id)
+        self._check_layer(layer_id)
+        return self._rows(self.canonical(input_ids, check_ids), layer_id)
 
     def hash_step(
-        self, input_ids: torch.Tensor, history: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, history: torch.Tensor | None = None, check_ids: bool = True
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Row indices of every layer for positions that continue a sequence (decoding).
 
@@ -98,34 +120,42 @@ class EngramIndexer:
             input_ids: (B, t) raw ids of the new positions.
             history: (B, N-1) canonical ids of the positions before them, as returned by the previous
                 call; ``None`` at the start of a sequence (pad id).
+            check_ids: check the ids and the history (host reads); ``False`` for callers that have
+                (``EngramLM`` decoding, whose history is its own).
 
         Returns:
             ``(hash_ids, history)``: ``{layer_id: (B, t, (N-1)*K)}`` equal to the last t positions of
             indexing the whole sequence, and the (B, N-1) history after the new positions.
         """
-        canonical = self.canonical(input_ids)
+        canonical = self.canonical(input_ids, check_ids)
         if history is None:
             history = self.hasher.initial_history(canonical.shape[0], canonical.device)
+        elif checks_values(check_ids):  # a caller's history (the hash checks its shape)
+            history = self.hasher.check_ids(history, "history")
         hash_ids = {lid: self._rows(canonical, lid, history) for lid in self.hasher.layer_ids}
-        return hash_ids, self.hasher.update_history(history, canonical)
+        return hash_ids, self.hasher.update_history(history, canonical, check_ids=False)
+
+    def _check_layer(self, layer_id: int) -> None:
+        if layer_id not in self.hasher.layer_ids:
+            raise KeyError(f"layer {layer_id} has no Engram module; configured layer_ids are {self.hasher.layer_ids}")
 
     def _rows(self, canonical: torch.Tensor, layer_id: int, history: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, H) row of every head for canonical ids (B, T), by ``config.addressing``.
 
-        ``history`` (B, N-1) precedes the ids when decoding; only n-gram addressing looks back.
+        ``history`` (B, N-1) precedes the ids when decoding; only n-gram addressing looks back. The
+        ids were checked where they came in (``canonical``): nothing here reads their values.
         """
         addressing = self.config.addressing
         if addressing == "ngram":
-            return self.hasher.hash(canonical, layer_id, history=history)
+            return self.hasher.hash(canonical, layer_id, history=history, check_ids=False)
         if addressing == "token":
             # Every token hashed as a sequence of its own, pads before it (docs/definition.md,
             # "Ablation switches and controls"): the same tables and primes, read by the unigram.
             batch, length = canonical.shape
-            return self.hasher.hash(canonical.reshape(batch * length, 1), layer_id).view(batch, length, -1)
-        # Constant addressing: row 0 of every head's one-row table. The ids are checked as the hash
-        # checks them, so that bad ids fail under every addressing alike.
-        if layer_id not in self.hasher.layer_ids:
-            raise KeyError(f"layer {layer_id} has no Engram module; configured layer_ids are {self.hasher.layer_ids}")
+            return self.hasher.hash(canonical.reshape(batch * length, 1), layer_id, check_ids=False).view(
+                batch, length, -1
+            )
+        # Constant addressing: row 0 of every head's one-row table.
+        self._check_layer(layer_id)
         canonical = as_id_tensor(canonical, "input_ids", ndim=2)
-        check_id_range(canonical, 0, self.hasher.compressed_vocab_size, "input_ids", " of the ids the hash reads")
         return canonical.new_zeros(*canonical.shape, self.hasher.n_heads)

@@ -24,7 +24,7 @@ import torch
 from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
-from engram._checks import as_id_tensor, check_hashing_params, check_id_range
+from engram._checks import as_id_tensor, check_hashing_params, check_id_range, checks_values
 from engram.hashing.primes import engram_table_sizes
 
 _LAYER_SEED_STRIDE = 10007
@@ -62,6 +62,23 @@ def _order_mixes(
         mix = mix ^ (shifted * multipliers[k])
         mixes.append(mix)
     return mixes
+
+
+def _hash_with_constants(
+    extended: torch.Tensor,
+    keep: torch.Tensor | None,
+    multipliers: Sequence[int],
+    primes: Sequence[Sequence[int]],
+    context: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """The hash written for ``torch.compile``: every prime a Python constant, every head its own ``fmod``.
+
+    Equal to the eager hash; traced, the constants let the compiler replace the divisions by
+    multiplications, and nothing is cached or written in place (no guard, no strided ``out=``).
+    """
+    mixes = _order_mixes(extended, multipliers, context, pad_id, keep)
+    return torch.stack([torch.fmod(mix, p) for mix, ps in zip(mixes, primes, strict=True) for p in ps], dim=-1)
 
 
 def _compiler_missing(error: BaseException) -> bool:
@@ -158,7 +175,13 @@ class NgramHasher:
         return [p for order in self.table_sizes[layer_id] for p in order]
 
     # -- hashing --------------------------------------------------------------------------------
-    def hash(self, compressed_ids: torch.Tensor, layer_id: int, history: torch.Tensor | None = None) -> torch.Tensor:
+    def hash(
+        self,
+        compressed_ids: torch.Tensor,
+        layer_id: int,
+        history: torch.Tensor | None = None,
+        check_ids: bool = True,
+    ) -> torch.Tensor:
         """Per-head row indices of every position.
 
         Args:
@@ -166,22 +189,24 @@ class NgramHasher:
             layer_id: one of ``layer_ids``.
             history: optional (B, N-1) canonical ids that precede the sequence (decoding);
                 ``None`` means the sequence starts here (pad id before it).
+            check_ids: check that the ids (and history) lie in range, a host read; ``False`` for
+                callers that checked them already (``EngramIndexer``). Shapes are always checked.
 
         Returns:
             (B, T, (N-1)*K) int64 indices; entry ``[..., (n-2)*K + k]`` is in ``[0, p[n][k])``.
         """
         self._check_layer(layer_id)
-        ids = self._check_ids(compressed_ids, "compressed_ids")
+        ids = self._check_ids(compressed_ids, "compressed_ids", check_ids)
         batch, length = ids.shape
         if history is None:
             context = ids.new_full((batch, self.context_size), self.pad_id)
         else:
-            context = self._check_history(history, batch)
+            context = self._check_history(history, batch, check_ids)
         extended = torch.cat([context, ids], dim=1)  # (B, N-1+T)
         return self._hash_extended(extended, layer_id, length)
 
     def hash_incremental(
-        self, new_ids: torch.Tensor, history: torch.Tensor, layer_id: int
+        self, new_ids: torch.Tensor, history: torch.Tensor, layer_id: int, check_ids: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hash newly decoded tokens given each sequence's last N-1 canonical ids.
 
@@ -193,22 +218,26 @@ class NgramHasher:
             ``(hashes, new_history)``: (B, t, (N-1)*K) indices, equal to the last t positions of
             hashing the whole sequence, and the (B, N-1) history after the new tokens.
         """
-        hashes = self.hash(new_ids, layer_id, history=history)
-        return hashes, self.update_history(history, new_ids)
+        hashes = self.hash(new_ids, layer_id, history=history, check_ids=check_ids)
+        return hashes, self.update_history(history, new_ids, check_ids=False)  # just checked by hash
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """(B, N-1) history of sequences that have not started yet (all pad id)."""
         return torch.full((batch_size, self.context_size), self.pad_id, dtype=torch.long, device=device)
 
-    def update_history(self, history: torch.Tensor, new_ids: torch.Tensor) -> torch.Tensor:
+    def update_history(self, history: torch.Tensor, new_ids: torch.Tensor, check_ids: bool = True) -> torch.Tensor:
         """The last N-1 canonical ids after appending ``new_ids`` (B, t) to ``history`` (B, N-1)."""
-        new_ids = self._check_ids(new_ids, "new_ids")
-        history = self._check_history(history, new_ids.shape[0])
+        new_ids = self._check_ids(new_ids, "new_ids", check_ids)
+        history = self._check_history(history, new_ids.shape[0], check_ids)
         return torch.cat([history, new_ids], dim=1)[:, -self.context_size :]
 
     def _hash_extended(self, extended: torch.Tensor, layer_id: int, length: int) -> torch.Tensor:
         """Hash the last ``length`` positions of ``extended`` (B, N-1+T), whose first N-1 are context."""
         keep = self._window_mask(extended, length) if self.separator_id is not None else None
+        if torch.compiler.is_compiling():  # traced as part of a compiled model: the kernel's code, inlined
+            return _hash_with_constants(
+                extended, keep, self._multipliers[layer_id], self.table_sizes[layer_id], self.context_size, self.pad_id
+            )
         if self.compile:
             return self._compiled_kernel(layer_id)(extended, keep)
         primes = self._primes_on(layer_id, extended.device)  # (N-1, K)
@@ -233,10 +262,7 @@ class NgramHasher:
             ctx, pad = self.context_size, self.pad_id
 
             def kernel(extended: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-                mixes = _order_mixes(extended, multipliers, ctx, pad, keep)
-                return torch.stack(
-                    [torch.fmod(mix, p) for mix, ps in zip(mixes, primes, strict=True) for p in ps], dim=-1
-                )
+                return _hash_with_constants(extended, keep, multipliers, primes, ctx, pad)
 
             # A code object of its own per kernel: torch.compile keeps its cache (and recompile limit)
             # per code object, and the constants differ from layer to layer and hasher to hasher.
@@ -279,7 +305,8 @@ class NgramHasher:
         if layer_id not in self._multipliers:
             raise KeyError(f"layer {layer_id} has no Engram module; configured layer_ids are {self.layer_ids}")
 
-    def _check_ids(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+    def check_ids(self, ids: torch.Tensor, name: str = "compressed_ids") -> torch.Tensor:
+        """Check canonical ids (B, T): integers in ``[0, compressed_vocab_size)`` (one host read); as int64."""
         ids = as_id_tensor(ids, name, ndim=2)
         check_id_range(
             ids,
@@ -291,8 +318,11 @@ class NgramHasher:
         )
         return ids
 
-    def _check_history(self, history: torch.Tensor, batch: int) -> torch.Tensor:
-        history = self._check_ids(history, "history")
+    def _check_ids(self, ids: torch.Tensor, name: str, check_values: bool = True) -> torch.Tensor:
+        return self.check_ids(ids, name) if checks_values(check_values) else as_id_tensor(ids, name, ndim=2)
+
+    def _check_history(self, history: torch.Tensor, batch: int, check_values: bool = True) -> torch.Tensor:
+        history = self._check_ids(history, "history", check_values)
         if history.shape != (batch, self.context_size):
             raise ValueError(
                 f"history must have shape (batch, N-1) = ({batch}, {self.context_size}), got {tuple(history.shape)}"

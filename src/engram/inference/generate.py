@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from engram._checks import as_id_tensor, check_id_range
+from engram._checks import as_id_tensor
 from engram.model.lm import DecodeState, EngramLM
 
 
@@ -87,7 +87,8 @@ def _decode(
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
         tokens.append(token)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        # With an eos_id, one host read per token to stop early once every sequence has ended.
+        if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
             break
         logits = _next_logits(model, token[:, None], state)
     new = torch.stack(tokens, dim=1)
@@ -98,12 +99,17 @@ def _decode(
 def _next_logits(model: EngramLM, input_ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
     """(B, V) logits for the position after ``input_ids`` (B, t), which continue ``state``.
 
-    The unknown model id of a trimmed vocabulary gets -inf: it has no tokenizer id to feed back.
+    The unknown model id of a trimmed vocabulary gets -inf: it has no tokenizer id to feed back; so do
+    model ids beyond the ids the model reads (a vocabulary padded beyond the Engram tokenizer's), so
+    every sampled token can be fed back unchecked.
     """
-    logits = model(input_ids, state=state).logits[:, -1]
+    # The prompt was checked once by generate, the tokens after it are sampled: nothing to check per token.
+    logits = model(input_ids, state=state, check_ids=False).logits[:, -1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # sample in at least float32
     if model.config.input_vocab_size is not None:
         logits[:, 0] = -math.inf
+    elif model.num_input_ids < logits.shape[-1]:
+        logits[:, model.num_input_ids :] = -math.inf
     return logits
 
 
@@ -150,7 +156,7 @@ def _check_arguments(
     n_ids = config.input_vocab_size or config.vocab_size
     if prompt_ids.shape[0] < 1 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids must hold at least one token per sequence, got shape {tuple(prompt_ids.shape)}")
-    check_id_range(prompt_ids, 0, n_ids, "prompt_ids", f" of the model's {n_ids} tokenizer ids")
+    model.check_input_ids(prompt_ids, "prompt_ids")
     if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prompt_ids.shape[1] + max_new_tokens > config.max_seq_len:

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from engram._checks import as_id_tensor
+from engram._checks import as_id_tensor, checks_values
 from engram.config import EngramConfig
 from engram.hashing.indexer import EngramIndexer, engram_head_sizes
 from engram.memory.conv import BranchRMSNorm, ShortConv
@@ -148,6 +148,7 @@ class Engram(nn.Module):
         input_ids: torch.Tensor | None = None,
         hash_ids: torch.Tensor | None = None,
         prefetched: PendingRows | None = None,
+        check_ids: bool = True,
     ) -> torch.Tensor:
         """The residual update Y.
 
@@ -156,12 +157,16 @@ class Engram(nn.Module):
             input_ids: (B, T) raw token ids (needs an ``indexer``), or
             hash_ids: (B, T, H) precomputed per-head indices from ``NgramHasher.hash``.
             prefetched: what ``prefetch(hash_ids)`` returned for these hash ids, if called.
+            check_ids: check the values of ``input_ids`` (or of ``hash_ids``): a host read, a device
+                sync on a GPU. ``False`` for callers whose ids are valid by construction
+                (``EngramLM`` passes hash ids its indexer computed from ids it checked). Shapes and
+                dtypes are always checked.
 
         Returns:
             Y with the shape of ``hidden_states``.
         """
         hidden, squeeze = self._check_hidden(hidden_states)
-        hash_ids = self._resolve_hash_ids(hidden.shape[:2], input_ids, hash_ids)
+        hash_ids = self._resolve_hash_ids(hidden.shape[:2], input_ids, hash_ids, check_ids)
         out = self._position_wise(hidden, hash_ids, prefetched)
         if self.short_conv is not None:
             out = out + self.short_conv(out)
@@ -173,6 +178,7 @@ class Engram(nn.Module):
         hash_ids: torch.Tensor,
         conv_state: torch.Tensor | None = None,
         prefetched: PendingRows | None = None,
+        check_ids: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The residual update Y of positions that continue a sequence, for incremental decoding.
 
@@ -185,6 +191,7 @@ class Engram(nn.Module):
                 (``EngramIndexer.hash_step`` or ``NgramHasher.hash_incremental``).
             conv_state: the state returned by the previous call; ``None`` at the start of a sequence.
             prefetched: what ``prefetch(hash_ids)`` returned, if called.
+            check_ids: check the values of ``hash_ids`` (as in ``forward``).
 
         Returns:
             ``(Y, conv_state)``: Y equal to the last T positions of ``forward`` over the whole
@@ -192,7 +199,7 @@ class Engram(nn.Module):
             ``None`` without a convolution.
         """
         hidden, squeeze = self._check_hidden(hidden_states)
-        hash_ids = self._resolve_hash_ids(hidden.shape[:2], None, hash_ids)
+        hash_ids = self._resolve_hash_ids(hidden.shape[:2], None, hash_ids, check_ids)
         out = self._position_wise(hidden, hash_ids, prefetched)
         if self.short_conv is not None:
             conv, conv_state = self.short_conv.step(out, conv_state)
@@ -263,7 +270,11 @@ class Engram(nn.Module):
         raise ValueError(f"hidden_states must have shape {expected}, got {shape}")
 
     def _resolve_hash_ids(
-        self, batch_shape: torch.Size, input_ids: torch.Tensor | None, hash_ids: torch.Tensor | None
+        self,
+        batch_shape: torch.Size,
+        input_ids: torch.Tensor | None,
+        hash_ids: torch.Tensor | None,
+        check_ids: bool,
     ) -> torch.Tensor:
         if (input_ids is None) == (hash_ids is None):
             raise ValueError("pass exactly one of input_ids (raw token ids) or hash_ids (precomputed indices)")
@@ -276,16 +287,19 @@ class Engram(nn.Module):
                     f"input_ids shape {tuple(input_ids.shape)} does not match the (B, T) of hidden_states, "
                     f"{tuple(batch_shape)}"
                 )
-            return self.indexer.hash_layer(input_ids, self.layer_id)
+            hash_ids = self.indexer.hash_layer(input_ids, self.layer_id, check_ids=check_ids)
+            check_ids = False  # hashes of checked ids are in range by construction
         hash_ids = as_id_tensor(hash_ids, "hash_ids", ndim=3)
         if hash_ids.shape != (*batch_shape, self.n_heads):
             raise ValueError(
                 f"hash_ids must have shape (B, T, H) = ({batch_shape[0]}, {batch_shape[1]}, {self.n_heads}), "
                 f"got {tuple(hash_ids.shape)}"
             )
-        sizes = self.head_size_tensor
-        if hash_ids.device.type != "meta" and bool(((hash_ids < 0) | (hash_ids >= sizes)).any()):
-            bad = torch.nonzero((hash_ids < 0) | (hash_ids >= sizes))[0].tolist()
+        if not checks_values(check_ids) or hash_ids.device.type == "meta":
+            return hash_ids
+        outside = (hash_ids < 0) | (hash_ids >= self.head_size_tensor)
+        if bool(outside.any()):
+            bad = torch.nonzero(outside)[0].tolist()
             raise ValueError(
                 f"hash_ids{bad} = {int(hash_ids[tuple(bad)])} is outside head {bad[-1]}'s table "
                 f"[0, {self.head_sizes[bad[-1]]}); were the ids hashed for layer {self.layer_id} with this config?"

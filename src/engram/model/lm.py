@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engram._checks import as_id_tensor, check_id_range
+from engram._checks import as_id_tensor, check_id_range, checks_values
 from engram.hashing.indexer import EngramIndexer
 from engram.memory.layer import Engram
 from engram.model.config import ModelConfig
@@ -119,17 +119,19 @@ class Block(nn.Module):
         hash_ids: torch.Tensor | None,
         cache: BlockCache | None = None,
         prefetched: PendingRows | None = None,
+        check_ids: bool = True,
     ) -> torch.Tensor:
         """h: (B, T, d) or (B, T, M, d); ``hash_ids`` None skips the Engram module.
 
         With ``cache`` the T positions continue the cached ones (decoding) and the cache advances.
         ``prefetched``: the Engram rows of ``hash_ids``, fetched ahead (``Engram.prefetch``).
+        ``check_ids``: check the values of ``hash_ids`` (False: the model's indexer computed them).
         """
         if self.engram is not None and hash_ids is not None:
             if cache is None:
-                h = h + self.engram(h, hash_ids=hash_ids, prefetched=prefetched)
+                h = h + self.engram(h, hash_ids=hash_ids, prefetched=prefetched, check_ids=check_ids)
             else:
-                update, cache.conv = self.engram.step(h, hash_ids, cache.conv, prefetched)
+                update, cache.conv = self.engram.step(h, hash_ids, cache.conv, prefetched, check_ids=check_ids)
                 h = h + update
         kv = None if cache is None else cache.kv
         h = self._residual(h, self.attn_hc, lambda x: self.attn(self.attn_norm(x), kv))
@@ -193,6 +195,38 @@ class EngramLM(nn.Module):
         self.output_ids.fill_(-1)
         self.output_ids[1:] = kept_ids.to(device)
 
+    @property
+    def num_input_ids(self) -> int:
+        """How many ids ``forward`` reads: ids in ``[0, num_input_ids)``.
+
+        ``input_vocab_size`` (a trimmed vocabulary) or ``vocab_size``, and never more than the
+        indexer's tokenizer has when Engram layers hash the ids.
+        """
+        n_ids = self.config.input_vocab_size or self.config.vocab_size
+        if self.indexer is not None and self.engram_layers():
+            n_ids = min(n_ids, self.indexer.compressor.raw_vocab_size)
+        return n_ids
+
+    def check_input_ids(self, input_ids: torch.Tensor, name: str = "input_ids") -> torch.Tensor:
+        """Check ids the model is to read: (B, T) integers, B, T >= 1, in ``[0, num_input_ids)``; as int64.
+
+        This is the model's boundary: ``forward`` calls it (unless told ``check_ids=False``) and
+        everything after it (indexer, hasher, Engram layers) trusts the ids. One host read of the
+        ids' minimum and maximum, a device sync on a GPU.
+        """
+        input_ids = self._check_input_shape(input_ids, name)
+        n_ids, n_model = self.num_input_ids, self.config.input_vocab_size or self.config.vocab_size
+        hint = f" of the model's {n_ids} ids" if n_ids == n_model else f" of the tokenizer's {n_ids} raw ids"
+        check_id_range(input_ids, 0, n_ids, name, hint)
+        return input_ids
+
+    @staticmethod
+    def _check_input_shape(input_ids: torch.Tensor, name: str) -> torch.Tensor:
+        input_ids = as_id_tensor(input_ids, name, ndim=2)
+        if 0 in input_ids.shape:
+            raise ValueError(f"{name} (B, T) must have B >= 1 and T >= 1, got shape {tuple(input_ids.shape)}")
+        return input_ids
+
     def to_model_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Tokenizer ids -> model ids (identity without a trimmed vocabulary; -100 stays -100)."""
         if self.config.input_vocab_size is None:
@@ -230,7 +264,9 @@ class EngramLM(nn.Module):
         return [engram.table for engram in self.engram_layers().values()]
 
     def moe_layers(self) -> list[MoE]:
-        return [module for module in self.modules() if isinstance(module, MoE)]
+        """The MoE FFNs, in layer order (read from the blocks, not ``modules()``: a compiled forward
+        could not walk the modules after the MoE layers set their ``aux_loss``)."""
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoE)]
 
     @torch.no_grad()
     def update_router_biases(self) -> None:
@@ -274,10 +310,11 @@ class EngramLM(nn.Module):
             raise ValueError("decoding a model with Engram layers needs its indexer: build it with indexer=...")
 
     def _step_hash_ids(self, input_ids: torch.Tensor, state: DecodeState) -> dict[int, torch.Tensor]:
-        """Engram row indices of the new positions ``input_ids`` (B, T); advances the state's history."""
+        """Engram row indices of the new positions ``input_ids`` (B, T), checked by the caller; advances
+        the state's history (its own, so valid)."""
         if not self.engram_layers():
             return {}
-        hash_ids, state.history = self.indexer.hash_step(input_ids, state.history)
+        hash_ids, state.history = self.indexer.hash_step(input_ids, state.history, check_ids=False)
         return hash_ids
 
     # -- forward ------------------------------------------------------------------------------------
@@ -289,6 +326,7 @@ class EngramLM(nn.Module):
         engram_enabled: bool = True,
         state: DecodeState | None = None,
         output_hidden_states: bool = False,
+        check_ids: bool = True,
     ) -> LMOutput:
         """Logits over model ids (and loss) for ``input_ids`` (B, T).
 
@@ -306,12 +344,19 @@ class EngramLM(nn.Module):
                 ``engram_enabled`` the same for the whole sequence. For inference (no gradient).
             output_hidden_states: also return the embedding output and every block's output
                 (``LMOutput.hidden_states``), for analysis.
+            check_ids: check the values of ``input_ids`` (``check_input_ids``) and of given
+                ``hash_ids``: host reads, each a device sync on a GPU. The ids are checked here
+                once, not again by the indexer, hasher or layers. ``False`` for callers whose ids
+                are valid already (the ``Trainer`` checks its batches on the host, ``generate`` its
+                prompt); shapes and dtypes are always checked. Value checks are also skipped while
+                ``torch.compile`` traces the model; ``engram.set_debug_checks(True)`` turns every
+                check (the inner ones too) back on.
         """
-        input_ids = as_id_tensor(input_ids, "input_ids", ndim=2)
-        if 0 in input_ids.shape:
-            raise ValueError(f"input_ids (B, T) must have B >= 1 and T >= 1, got shape {tuple(input_ids.shape)}")
-        n_ids = self.config.input_vocab_size or self.config.vocab_size
-        check_id_range(input_ids, 0, n_ids, "input_ids", f" of the model's {n_ids} ids")
+        if checks_values(check_ids):
+            input_ids = self.check_input_ids(input_ids)
+        else:
+            input_ids = self._check_input_shape(input_ids, "input_ids")
+        check_hash_ids = check_ids and hash_ids is not None  # computed by the indexer, they are in range
         engrams = self.engram_layers() if engram_enabled else {}
         if state is not None:
             self._check_continues(state, input_ids, hash_ids)
@@ -319,7 +364,7 @@ class EngramLM(nn.Module):
         elif engrams and hash_ids is None:
             if self.indexer is None:
                 raise ValueError("this model has Engram layers: pass hash_ids or build it with indexer=...")
-            hash_ids = self.indexer(input_ids)
+            hash_ids = self.indexer(input_ids, check_ids=False)
         missing = sorted(set(engrams) - set(hash_ids or {}))
         if missing:
             raise ValueError(f"hash_ids lacks Engram layers {missing}")
@@ -333,7 +378,7 @@ class EngramLM(nn.Module):
         prefetched = {i: engram.prefetch(hash_ids[i]) for i, engram in engrams.items()}
         caches = [None] * len(self.blocks) if state is None else state.blocks
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):
-            h = block(h, hash_ids[i] if i in engrams else None, cache, prefetched.get(i))
+            h = block(h, hash_ids[i] if i in engrams else None, cache, prefetched.get(i), check_hash_ids)
             if hidden_states is not None:
                 hidden_states.append(h.sum(dim=2) if self.config.n_branches > 1 else h)
         if self.config.n_branches > 1:

@@ -45,15 +45,18 @@ class MoE(nn.Module):
         out = self.shared(tokens) if self.shared is not None else torch.zeros_like(tokens)
         flat_expert = chosen.flatten()  # (N*k,)
         order = flat_expert.argsort(stable=True)
-        counts = torch.bincount(flat_expert, minlength=len(self.experts))
+        # Assignments per expert; unlike bincount, whose output size depends on the ids' maximum, the
+        # scatter needs no host read.
+        counts = torch.zeros(len(self.experts), dtype=torch.long, device=flat_expert.device)
+        counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
         token_of = order // self.config.top_k  # token index of each sorted assignment
         weight_of = weights.flatten()[order]
-        start = 0
-        for expert, count in zip(self.experts, counts.tolist(), strict=True):
-            if count:
-                idx = token_of[start : start + count]
-                out.index_add_(0, idx, expert(tokens[idx]) * weight_of[start : start + count, None])
-            start += count
+        # The one host read of the layer: how many tokens each expert takes, the shapes of its matmuls
+        # (a dropless MoE cannot know them without reading the routing). Traced by torch.compile with
+        # torch._dynamo.config.capture_scalar_outputs = True, without a graph break.
+        sizes = counts.tolist()
+        for expert, idx, weight in zip(self.experts, token_of.split(sizes), weight_of.split(sizes), strict=True):
+            out.index_add_(0, idx, expert(tokens[idx]) * weight[:, None])  # an expert without tokens adds nothing
 
         if self.training:
             self.load += counts.to(self.load.dtype)
@@ -77,6 +80,6 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> None:
         """Loss-free balancing step from the loads seen since the last call, then reset the loads."""
-        if self.load.sum() > 0:
-            self.expert_bias += self.config.bias_update_rate * torch.sign(self.load.mean() - self.load)
+        # No tokens seen (all loads 0): every sign is 0 and the bias stays; no host read to find out.
+        self.expert_bias += self.config.bias_update_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()

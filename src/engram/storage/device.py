@@ -58,7 +58,8 @@ class DeviceTable(LocalTable):
     @property
     def weight(self) -> nn.Parameter:
         """The (num_rows, dim) parameter, its rows drawn first if they were not yet."""
-        self.materialize()
+        if self._pending_device is not None:  # checked here, so a compiled lookup of drawn rows never calls it
+            self.materialize()
         return self._parameters["weight"]
 
     @property
@@ -67,6 +68,7 @@ class DeviceTable(LocalTable):
         return self._pending_device is None
 
     @torch.no_grad()
+    @torch.compiler.disable  # a generator and swap_tensors cannot be traced: a compiled first lookup runs this eagerly
     def materialize(self) -> None:
         """Allocate and draw the rows now, if they were not yet (``weight`` and every use do this on demand)."""
         if self._pending_device is None:

@@ -32,6 +32,7 @@ from engram.data.batches import RandomWindows
 from engram.eval.evaluate import evaluate_with_and_without_engram
 from engram.model.lm import EngramLM
 from engram.storage.base import durable
+from engram.storage.device import DeviceTable
 from engram.storage.disk import TableStateError
 from engram.storage.sharded import ShardedTable
 from engram.training.checkpoint import (
@@ -150,6 +151,9 @@ class Trainer:
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # denormals slow the LM head's backward 10-30x on CPU
         self.model = model.to(self.device)
+        for table in model.engram_tables():  # draw device tables' rows now, not inside the first (compiled) step
+            if isinstance(table, DeviceTable):
+                table.materialize()
         self.config = config
         self.world, self.rank = world_size(), rank()
         if config.batch_size % self.world:
@@ -165,7 +169,11 @@ class Trainer:
             )
         # The module the forward pass goes through: DDP averages the dense gradients across ranks.
         self.forward_model = wrap_dense_ddp(self.model) if self.world > 1 else self.model
-        self.batches = RandomWindows(train_tokens, config.batch_size, config.seq_len, seed=config.seed)
+        # The batches' ids are checked on the host, before their copy to the device: the step then
+        # calls the model with check_ids=False and reads no value on the device but its status.
+        self.batches = RandomWindows(
+            train_tokens, config.batch_size, config.seq_len, seed=config.seed, vocab_size=model.num_input_ids
+        )
         self.val_tokens = val_tokens
         self.byte_lengths = byte_lengths
         self.run_info = {}
@@ -219,7 +227,7 @@ class Trainer:
         self.model.train()
         inputs, targets = self._rank_batch()
         with self._autocast():
-            out = self.forward_model(inputs, targets=targets)
+            out = self.forward_model(inputs, targets=targets, check_ids=False)  # checked by self.batches
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
