@@ -67,7 +67,7 @@ from _report import environment_lines, format_table
 from engram import CompressedTokenizer, EngramConfig, EngramIndexer
 from engram.data.batches import RandomWindows
 from engram.data.sources import shakespeare
-from engram.hashing import default_tokenizer_path, engram_table_sizes
+from engram.indexing import default_tokenizer_path, engram_table_sizes
 from engram.storage import shard_ranges
 
 WORKER = Path(__file__).resolve().parent / "_sharded_worker.py"

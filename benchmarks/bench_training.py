@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from engram import CompressedTokenizer, EngramConfig, EngramIndexer
-from engram.hashing.primes import engram_table_sizes
+from engram.indexing.primes import engram_table_sizes
 from engram.model import EngramLM, ModelConfig, MoEConfig
 from engram.model.accounting import ParamCounts, allocate, count_parameters, estimate_parameters
 from engram.training import TrainConfig, Trainer, seed_everything

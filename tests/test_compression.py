@@ -7,9 +7,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-import engram.hashing.compression as compression
+import engram.indexing.compression as compression
 from engram import CompressedTokenizer
-from engram.hashing.compression import default_tokenizer_path
+from engram.indexing.compression import default_tokenizer_path
 from tests.reference import reference_compression
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engram import EngramConfig, EngramIndexer, NgramHasher
-from engram.hashing.ngram import layer_multipliers
+from engram.indexing.ngram import layer_multipliers
 from tests.reference import reference_hash, reference_multipliers, reference_table_sizes
 
 
@@ -228,7 +228,7 @@ def test_compiled_kernel_equals_eager_and_reference():
 def test_compiled_kernel_names_a_missing_compiler_and_only_then():
     import torch._inductor.config as inductor_config
 
-    from engram.hashing.ngram import _compiler_missing
+    from engram.indexing.ngram import _compiler_missing
 
     hasher = NgramHasher([3], 3, 4, [70_001, 90_001], 98_627, pad_id=2, seed=5, compile=True)
     no_compiler = inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",), "force_disable_caches": True})

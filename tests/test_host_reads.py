@@ -73,7 +73,7 @@ def test_a_training_step_reads_the_host_only_where_documented(compressor, config
     n_moe = sum(1 for i in range(config.n_layers) if config.uses_moe(i))
     assert len(ours) <= READS_OF_A_STEP + n_moe, report
     # Nothing on the way from the ids to the table reads: model, indexer, compressor, hasher, layer.
-    for path in ("engram/_checks.py", "engram/hashing/", "engram/memory/", "engram/model/lm.py"):
+    for path in ("engram/_checks.py", "engram/indexing/", "engram/memory/", "engram/model/lm.py"):
         assert not [r for r in ours if r.site.startswith(path)], report
     moe_reads = [r for r in ours if r.site.startswith("engram/model/moe.py")]
     assert len(moe_reads) == n_moe and all("(forward)" in r.site for r in moe_reads), report
@@ -87,7 +87,7 @@ def test_debug_checks_add_the_inner_reads_back(compressor):
     engram.set_debug_checks(True)
     debug = _reads_of_a_step(trainer).ours()
     sites = {r.site.split(" ")[0].rsplit(":", 1)[0] for r in debug}
-    assert {"engram/model/lm.py", "engram/hashing/compression.py", "engram/hashing/ngram.py"} <= sites
+    assert {"engram/model/lm.py", "engram/indexing/compression.py", "engram/indexing/ngram.py"} <= sites
     assert "engram/memory/layer.py" in sites and len(debug) > plain
 
 

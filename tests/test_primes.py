@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from engram.hashing.primes import engram_table_sizes, is_prime, next_prime
+from engram.indexing.primes import engram_table_sizes, is_prime, next_prime
 from tests.reference import reference_table_sizes
 
 

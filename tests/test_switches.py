@@ -16,8 +16,8 @@ import torch
 
 from engram import Engram, EngramConfig, EngramIndexer, NgramHasher
 from engram._json_config import ConfigError
-from engram.hashing.indexer import engram_head_sizes
-from engram.hashing.primes import engram_table_sizes
+from engram.indexing.indexer import engram_head_sizes
+from engram.indexing.primes import engram_table_sizes
 from engram.model import EngramLM, ModelConfig, MoEConfig
 from engram.model.accounting import count_parameters, estimate_parameters
 from tests.test_layer import _hash_ids

@@ -2,7 +2,7 @@
 
 from engram._checks import debug_checks, set_debug_checks
 from engram.config import EngramConfig
-from engram.hashing import CompressedTokenizer, EngramIndexer, NgramHasher, engram_table_sizes
+from engram.indexing import CompressedTokenizer, EngramIndexer, NgramHasher, engram_table_sizes
 from engram.memory import Engram
 from engram.storage import DeviceTable, TableStorage
 

@@ -25,7 +25,7 @@ from engram.eval.analysis import (
     sensitivity_by_class,
 )
 from engram.eval.plots import plot_cka_heatmap, plot_logit_lens, plot_sensitivity
-from engram.hashing.compression import CompressedTokenizer
+from engram.indexing.compression import CompressedTokenizer
 from engram.model.lm import EngramLM
 from engram.training.run import load_run
 

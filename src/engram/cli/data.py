@@ -13,7 +13,7 @@ from engram.data.dataset import SPLITS, TokenDataset
 from engram.data.fetch import FetchError
 from engram.data.prepare import check_splits, prepare_dataset
 from engram.data.sources import NAMED_CORPORA
-from engram.hashing.compression import CompressedTokenizer
+from engram.indexing.compression import CompressedTokenizer
 
 EXIT_FAILURE = 1
 

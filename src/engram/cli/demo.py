@@ -24,7 +24,7 @@ from engram._json_config import option_type
 from engram.config import EngramConfig
 from engram.data import TokenDataset, prepare_dataset
 from engram.eval.plots import plot_gate_heatmap, plot_loss_comparison
-from engram.hashing.compression import CompressedTokenizer
+from engram.indexing.compression import CompressedTokenizer
 from engram.model.accounting import allocate, count_parameters
 from engram.model.config import ModelConfig, MoEConfig
 from engram.model.lm import EngramLM

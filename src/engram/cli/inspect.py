@@ -15,8 +15,8 @@ import torch
 
 from engram.cli._options import add_tokenizer_option
 from engram.config import EngramConfig
-from engram.hashing.compression import CompressedTokenizer, default_tokenizer_path
-from engram.hashing.indexer import EngramIndexer
+from engram.indexing.compression import CompressedTokenizer, default_tokenizer_path
+from engram.indexing.indexer import EngramIndexer
 from engram.memory.layer import Engram
 
 DEFAULT_TEXT = "Only Alexander the Great could tame the horse Bucephalus."

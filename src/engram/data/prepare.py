@@ -43,7 +43,7 @@ from engram.data.dataset import (
 from engram.data.dataset import split_file_names as _split_file_names
 from engram.data.sources import DEFAULT_MAX_DOC_CHARS, DocumentSource, as_source, open_source
 from engram.data.text import clean_text
-from engram.hashing.compression import CompressedTokenizer
+from engram.indexing.compression import CompressedTokenizer
 
 # End-of-text tokens looked up (in this order) when no separator id is given.
 EOS_TOKENS = ("<｜end▁of▁sentence｜>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>")

@@ -29,7 +29,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch.nn import functional as F
 
 from engram.data.batches import sequential_windows
-from engram.hashing.compression import CompressedTokenizer
+from engram.indexing.compression import CompressedTokenizer
 from engram.model.lm import EngramLM
 
 SENSITIVITY_CLASSES = ("frequent_ngram", "in_context", "other")

@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from engram.data.batches import sequential_windows
-from engram.hashing.compression import CompressedTokenizer
+from engram.indexing.compression import CompressedTokenizer
 from engram.model.lm import EngramLM
 
 

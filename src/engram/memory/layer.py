@@ -29,7 +29,7 @@ from torch import nn
 
 from engram._checks import as_id_tensor, checks_values
 from engram.config import EngramConfig
-from engram.hashing.indexer import EngramIndexer, engram_head_sizes
+from engram.indexing.indexer import EngramIndexer, engram_head_sizes
 from engram.memory.conv import BranchRMSNorm, ShortConv
 from engram.storage.base import TableStorage
 from engram.storage.device import DeviceTable

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engram._checks import as_id_tensor, check_id_range, checks_values
-from engram.hashing.indexer import EngramIndexer
+from engram.indexing.indexer import EngramIndexer
 from engram.memory.layer import Engram
 from engram.model.config import ModelConfig
 from engram.model.hyper import HyperConnection

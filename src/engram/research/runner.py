@@ -28,7 +28,7 @@ from pathlib import Path
 
 from engram._files import FolderLock, write_text_atomic
 from engram.data import TokenDataset, prepare_dataset
-from engram.hashing.compression import CompressedTokenizer
+from engram.indexing.compression import CompressedTokenizer
 from engram.research.experiment import Experiment, RunPlan
 from engram.training.run import SPEC_FILE, read_spec
 

@@ -21,8 +21,8 @@ from engram._files import FolderInUseError, FolderLock, write_text_atomic
 from engram._json_config import JsonConfig
 from engram.data import TokenDataset
 from engram.eval.evaluate import token_byte_lengths
-from engram.hashing.compression import CompressedTokenizer
-from engram.hashing.indexer import EngramIndexer
+from engram.indexing.compression import CompressedTokenizer
+from engram.indexing.indexer import EngramIndexer
 from engram.model.config import ModelConfig
 from engram.model.lm import EngramLM
 from engram.storage.base import durable

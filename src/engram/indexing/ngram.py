@@ -25,7 +25,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import CppCompileError, InductorError, InvalidCxxCompiler
 
 from engram._checks import as_id_tensor, check_hashing_params, check_id_range, checks_values
-from engram.hashing.primes import engram_table_sizes
+from engram.indexing.primes import engram_table_sizes
 
 _LAYER_SEED_STRIDE = 10007
 _INT64_MAX = np.iinfo(np.int64).max

@@ -12,9 +12,9 @@ import torch
 
 from engram._checks import as_id_tensor, check_id_range, checks_values
 from engram.config import EngramConfig
-from engram.hashing.compression import CompressedTokenizer
-from engram.hashing.ngram import NgramHasher
-from engram.hashing.primes import engram_table_sizes
+from engram.indexing.compression import CompressedTokenizer
+from engram.indexing.ngram import NgramHasher
+from engram.indexing.primes import engram_table_sizes
 
 
 def engram_head_sizes(config: EngramConfig, layer_id: int) -> list[int]:
