@@ -34,11 +34,9 @@ TRAIN = TrainConfig(
 )
 
 # The reads a device-tier training step still makes in the library's own code (docs/benchmarks.md):
-# the trainer's one status read (loss, finite checks, stop request), the coalesce of the table's
-# sparse gradient (nnz is data-dependent), RowAdam's read_rows and write_rows checks of the row ids
-# (storage/base.py check_rows), and one read of the expert counts per MoE layer.
-READS_OF_A_STEP = 4
-STORAGE_CHECKS = ("engram/storage/device.py",)  # check_rows of read_rows/write_rows: to go with the storage work
+# the trainer's one status read (loss, finite checks, stop request) and the coalesce of the table's
+# sparse gradient (nnz is data-dependent), plus one read of the expert counts per MoE layer.
+READS_OF_A_STEP = 2
 
 
 @pytest.fixture(autouse=True)
