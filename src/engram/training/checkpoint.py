@@ -276,13 +276,21 @@ def save_checkpoint(
     write_checkpoint_folder(staging, tensors, first_rows, manifest)
     if rank() == 0:
         swap_into_place(staging, final)
-        complete = [p for _, p in _checkpoints(directory) if checkpoint_damage(p) is None]
+        complete = [p for _, p in _checkpoints(directory) if _prunable(p)]
         for old in complete[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()  # the folder is in place on every rank before the disk tables count it as their restore point
     for table in durable:
         _commit(table, step)
     return final
+
+
+def _prunable(path: Path) -> bool:
+    """A complete checkpoint of this format (one of another version is never deleted here)."""
+    try:
+        return checkpoint_damage(path) is None
+    except CheckpointVersionError:
+        return False
 
 
 def _dense_state(model: EngramLM, optimizers: Optimizers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -334,19 +342,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{file} is not an {FORMAT} file")
     version = manifest.get("version")
-    if version == 1:
+    if version != VERSION and ("sha256" not in manifest or manifest["sha256"] == _digest(manifest)):
+        written = "an earlier engram, one with engram/training/checkpoint_io.py" if version == 1 else "another engram"
         raise CheckpointVersionError(
-            f"checkpoint {path} is in checkpoint format version 1, written by an earlier engram; this engram reads "
-            f"version {VERSION} only. Resume, evaluate or convert that run with the engram that wrote it (one that "
-            "has engram/training/checkpoint_io.py), or train a new run into another folder; nothing was changed"
+            f"checkpoint {path} is in checkpoint format version {version!r}, written by {written}; this engram reads "
+            f"version {VERSION} only. Resume, evaluate or convert that run with the engram that wrote it, or train a "
+            "new run into another folder; nothing was changed"
         )
-    if type(version) is int and version > VERSION:
-        raise CheckpointVersionError(
-            f"checkpoint {path} is in checkpoint format version {version}, written by a newer engram; this engram "
-            f"reads version {VERSION}: upgrade engram to use it; nothing was changed"
-        )
-    if version != VERSION:
-        raise ValueError(f"{file} has version {version!r}; this code reads version {VERSION}")
     if manifest.get("sha256") != _digest(manifest):
         raise ValueError(f"corrupt checkpoint {path}: {MANIFEST} was changed after it was written (SHA-256 differs)")
     return manifest
@@ -378,10 +380,10 @@ def _files_damage(path: Path, manifest: dict[str, Any], names: Iterable[str], ha
     return None
 
 
-def checkpoint_damage(path: str | Path) -> str | None:
-    """What is wrong with checkpoint ``path`` at a glance (manifest, which files, their sizes), or None.
-
-    The files' SHA-256 is checked when they are loaded.
+def checkpoint_damage(path: str | Path, hashes: bool = False) -> str | None:
+    """What is wrong with checkpoint ``path`` (manifest, which files, their sizes and, with ``hashes``, their
+    SHA-256), or None. With ``hashes`` in a distributed run, each rank hashes its share of the files and every
+    rank returns what any rank found (collective).
 
     Raises:
         CheckpointVersionError: not damage; a checkpoint of another format version.
@@ -389,31 +391,16 @@ def checkpoint_damage(path: str | Path) -> str | None:
     path = Path(path)
     try:
         manifest = read_manifest(path)
-        return _files_damage(path, manifest, manifest["files"], hashes=False)
-    except CheckpointVersionError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return str(e)
-
-
-def verify_checkpoint(path: str | Path, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check every file of checkpoint ``path`` (present, size, SHA-256) in this process; returns the manifest.
-
-    Raises:
-        DamagedCheckpointError: a file is missing, cut short, changed or not the checkpoint's.
-        CheckpointVersionError: a checkpoint of another format version.
-    """
-    path = Path(path)
-    try:
-        manifest = read_manifest(path) if manifest is None else manifest
-        damage = _files_damage(path, manifest, manifest["files"], hashes=True)
+        names = sorted(manifest["files"])
+        damage = _files_damage(path, manifest, names[rank() :: world_size()] if hashes else names, hashes)
     except CheckpointVersionError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         damage = str(e)
-    if damage is not None:
-        raise DamagedCheckpointError(path, damage)
-    return manifest
+    if hashes:
+        found = [raw.decode() for raw in gather_bytes((damage or "").encode()) if raw]
+        damage = damage or (found[0] if found else None)
+    return damage
 
 
 def _saved(path: Path) -> dict[str, Any]:
@@ -438,7 +425,7 @@ def _dcp_load(path: Path, targets: dict[str, torch.Tensor], one_process: bool) -
 def read_tensors(path: str | Path, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
     """The tensors of checkpoint ``path`` whose names start with one of ``prefixes`` (default: all), whole (table
     arrays assembled from every rank's file), on the CPU. In this process only; check the files with
-    ``verify_checkpoint`` first."""
+    ``checkpoint_damage(path, hashes=True)`` first."""
     path = Path(path)
     saved = _saved(path)
     names = [name for name in saved if name.startswith(prefixes)]
@@ -482,7 +469,7 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore a checkpoint into ``model`` (and ``optimizers``); returns its ``meta`` (``step``, configs, ...).
 
-    Every file is verified (sizes, SHA-256; the ranks share the work) before anything is changed, so a damaged
+    Every file is verified (``checkpoint_damage(path, hashes=True)``) before anything is changed, so a damaged
     checkpoint leaves the model as it was. Any world size can load a checkpoint of device or host tables: DCP copies
     each process's rows into its tables in place. Collective in a distributed run.
 
@@ -495,23 +482,11 @@ def load_checkpoint(
             differences).
     """
     path = Path(path)
-    world, me = world_size(), rank()
-    damage, manifest = None, None
-    try:
-        manifest = read_manifest(path)
-    except CheckpointVersionError:
-        raise
-    except (OSError, ValueError) as e:
-        damage = str(e)
-    if manifest is not None:
-        _check_fits(path, manifest, model, optimizers, run_info)
-        try:
-            damage = _files_damage(path, manifest, sorted(manifest["files"])[me::world], hashes=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            damage = str(e)
-    found = [raw.decode() for raw in gather_bytes((damage or "").encode()) if raw]
-    if found:
-        raise DamagedCheckpointError(path, damage or found[0])
+    damage = checkpoint_damage(path, hashes=True)
+    if damage is not None:
+        raise DamagedCheckpointError(path, damage)
+    manifest = read_manifest(path)
+    _check_fits(path, manifest, model, optimizers, run_info)
 
     with_state = optimizers is not None
     saved = _saved(path)
@@ -533,7 +508,7 @@ def load_checkpoint(
             continue
         for name, array in _local_arrays(table, with_state).items():
             targets[f"tables/{layer}/{name}"] = _as_loaded_by_dcp(table, array)
-    _dcp_load(path, targets, one_process=world == 1)
+    _dcp_load(path, targets, one_process=world_size() == 1)
     for table in tables.values():
         if not _is_durable(table):
             _rows_written(table)

@@ -27,7 +27,8 @@ from engram._files import FolderLock, swap_into_place
 from engram.storage.config import LAYER_FOLDER, StorageConfig
 from engram.storage.disk import DiskTable, verify_tables
 from engram.storage.table_file import TableFileError
-from engram.training.checkpoint import read_tensors, verify_checkpoint, write_checkpoint_folder
+from engram.training.checkpoint import checkpoint_damage, read_manifest, read_tensors, write_checkpoint_folder
+from engram.training.errors import DamagedCheckpointError
 from engram.training.run import read_run, write_spec
 
 
@@ -55,7 +56,10 @@ def _convert(run_dir: Path, target: StorageConfig) -> Path:
     spec = dataclasses.replace(saved, storage=target)
     target = spec.storage_for(run_dir)
 
-    manifest = verify_checkpoint(checkpoint)  # every file, before anything is written
+    damage = checkpoint_damage(checkpoint, hashes=True)  # every file, before anything is written
+    if damage is not None:
+        raise DamagedCheckpointError(checkpoint, damage)
+    manifest = read_manifest(checkpoint)
     meta = manifest["meta"]
     source = StorageConfig.from_dict(meta.get("storage", {}))
     if source.tier == "disk" and saved.storage.tier == "disk":
