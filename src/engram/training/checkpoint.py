@@ -398,7 +398,7 @@ def checkpoint_damage(path: str | Path, hashes: bool = False) -> str | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         damage = str(e)
     if hashes:
-        found = [raw.decode() for raw in gather_bytes((damage or "").encode()) if raw]
+        found = [d for raw in gather_bytes(json.dumps(damage).encode()) if (d := json.loads(raw)) is not None]
         damage = damage or (found[0] if found else None)
     return damage
 
