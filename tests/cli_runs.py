@@ -69,7 +69,8 @@ def make_workspace(root: Path) -> dict[str, Path]:
 def launch_torchrun(nproc: int, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """``torchrun --standalone --nproc-per-node N ARGS`` (``-m module ...`` or a script) in a session of
     its own, so that a hang can be cleaned up with every worker (``finish``). Output: stdout and stderr merged."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    path = os.pathsep.join([str(REPO / "src"), str(REPO)])  # this checkout's engram before any installed one
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **(env or {})}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     return subprocess.Popen(
         [*launcher, *args],

@@ -17,13 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engram.storage import DiskTable
-from engram.training.checkpoint import ShardReader, latest_checkpoint, load_checkpoint, read_manifest
-from engram.training.checkpoint_io import load_state
+from engram.storage.sharded import shard_ranges
+from engram.training.checkpoint import latest_checkpoint, load_checkpoint, read_manifest, read_tensors
 from engram.training.errors import DamagedCheckpointError
 from engram.training.run import load_run
 from tests.cli_runs import finish, launch_torchrun, make_workspace, run_engram
+from tests.distributed import checkpoint_ranks
+
+CHECKPOINT_RANKS = Path(checkpoint_ranks.__file__)
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +72,9 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def _state(run: Path) -> dict[str, torch.Tensor]:
-    """Every table array (whole, from the shards) and every dense weight of the newest checkpoint."""
-    checkpoint = latest_checkpoint(run / "checkpoints")
-    reader = ShardReader(checkpoint)
-    state = {f"dense/{k}": v for k, v in load_state(checkpoint / "dense")["model"].items()}
-    for layer, entry in reader.manifest["tables"].items():
-        for name in [] if entry["persisted"] else ["weight", *entry["states"]]:
-            state[f"table{layer}/{name}"] = reader.read_rows(int(layer), name, 0, entry["num_rows"])
-    return state
+    """Every table array (``tables/<layer>/<name>``, whole) and every dense weight (``model/...``) of the newest
+    checkpoint."""
+    return read_tensors(latest_checkpoint(run / "checkpoints"), ("model/", "tables/"))
 
 
 def _assert_same_training(run: Path, reference: Path, steps: range, reference_state: dict[str, torch.Tensor]):
@@ -112,7 +111,7 @@ def reference(workspace) -> tuple[Path, dict[int, dict[str, torch.Tensor]]]:
     for steps in (3, 6, 9):
         _train(workspace, 1, run, steps)
         expected[steps] = _state(run)
-    changed = expected[9]["table1/weight"] != expected[3]["table1/weight"]
+    changed = expected[9]["tables/1/weight"] != expected[3]["tables/1/weight"]
     assert changed.any(dim=1).sum() > 100  # the steps update many rows, all of them compared
     return run, expected
 
@@ -126,20 +125,49 @@ def test_ranks_2_then_4_then_one_process_train_like_one_process_and_reshard(work
         checkpoint = latest_checkpoint(sharded / "checkpoints")
         assert checkpoint.name == f"step_{steps:08d}"
         assert read_manifest(checkpoint)["world_size"] == nproc
-        assert len(list((checkpoint / "tables").iterdir())) == nproc
+        assert len(list(checkpoint.glob("shard_*.safetensors"))) == nproc
         _assert_same_training(sharded, reference, range(steps - 2, steps + 1), expected[steps])
 
-    # A checkpoint that lacks a shard, or holds another checkpoint's, is refused by name.
+    # A checkpoint that lacks a rank's file, or holds another checkpoint's, is refused by name.
     model = load_run(sharded, device="cpu")[0]
     damaged = workspace["root"] / "damaged"
     shutil.copytree(sharded / "checkpoints" / "step_00000006", damaged)
-    shard = damaged / "tables" / "shard_00002_of_00004.safetensors"
-    shutil.copy(damaged / "tables" / "shard_00001_of_00004.safetensors", shard)  # same size, other rows
+    shard = damaged / "shard_00002_of_00004.safetensors"
+    shutil.copy(damaged / "shard_00001_of_00004.safetensors", shard)  # another rank's rows
     with pytest.raises(ValueError, match=r"shard_00002_of_00004\.safetensors does not match manifest\.json"):
         load_checkpoint(damaged, model)
     shard.unlink()
-    with pytest.raises(DamagedCheckpointError, match="lacks its table shard tables/shard_00002_of_00004"):
+    with pytest.raises(DamagedCheckpointError, match=r"lacks its file shard_00002_of_00004\.safetensors"):
         load_checkpoint(damaged, model)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+def test_a_checkpoint_of_2_ranks_loads_bit_exactly_on_3_ranks_and_on_one_process(tmp_path):
+    """Rows, row optimizer state, dense weights (tied), AdamW state and the random state, to the bit; 2 ranks in the
+    device tier, then 3 in the host tier and one process in the device tier."""
+    code, output = finish(launch_torchrun(2, [str(CHECKPOINT_RANKS), "save", str(tmp_path), "device"]), timeout=180)
+    assert code == 0, output[-3000:]
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "manifest.json", "shard_00000_of_00002.safetensors", "shard_00001_of_00002.safetensors"
+    ]  # fmt: skip
+    code, output = finish(launch_torchrun(3, [str(CHECKPOINT_RANKS), "load", str(tmp_path), "host"]), timeout=180)
+    assert code == 0, output[-3000:]
+    saved = load_file(tmp_path / "saved.safetensors")
+    assert {"tables/1/weight", "tables/1/exp_avg", "tables/1/row_step", "model/head.weight"} <= saved.keys()
+    loaded = {(3, r): load_file(tmp_path / f"loaded_rank{r}.safetensors") for r in range(3)}
+    loaded[1, 0] = checkpoint_ranks.load(tmp_path, "device")
+    for (world, rank), held in loaded.items():
+        assert held.keys() == saved.keys()
+        for name, value in saved.items():
+            if name.startswith("tables/"):
+                start, end = shard_ranges(value.shape[0], world)[rank]
+                value = value[start:end]
+            assert held[name].dtype == value.dtype and held[name].shape == value.shape, (world, rank, name)
+            assert torch.equal(_bits(held[name]), _bits(value)), (world, rank, name)
 
 
 def test_disk_shards_train_like_one_process_and_resume_only_at_their_world_size(workspace, reference):
@@ -148,13 +176,13 @@ def test_disk_shards_train_like_one_process_and_resume_only_at_their_world_size(
     _train(workspace, 2, run, 6, "storage.tier=disk")
     for rank in range(2):  # each rank's rows live in its own disk table, not in the checkpoint
         assert (run / "tables" / "layer_01" / f"shard_{rank:05d}_of_00002" / "weight.table").is_file()
-    assert sum(f.stat().st_size for f in (latest_checkpoint(run / "checkpoints") / "tables").iterdir()) < 1000
+    assert not any(name.startswith("tables/") for name in read_tensors(latest_checkpoint(run / "checkpoints")))
     info = run_engram("tables", "info", run / "tables", cache=workspace["root"])
     assert info.returncode == 0 and all(f"shard_{r:05d}_of_00002" in info.stdout for r in range(2)), info.stderr
     state = _state(run)  # the dense weights; and the table rows and Adam state from the disk shards:
     for name in ("weight", "exp_avg", "exp_avg_sq", "row_step"):
         shards = [DiskTable(run / "tables" / "layer_01" / f"shard_{r:05d}_of_00002") for r in range(2)]
-        state[f"table1/{name}"] = torch.cat([s.weight if name == "weight" else s.row_states()[name] for s in shards])
+        state[f"tables/1/{name}"] = torch.cat([s.weight if name == "weight" else s.row_states()[name] for s in shards])
     _assert_close_states(state, expected[6])
     code, output = finish(_launch(4, _train_args(workspace, run, 9, "storage.tier=disk"), workspace["root"]), 240)
     assert code != 0 and "are sharded over 2 ranks and this job has 4" in output, output[-3000:]

@@ -201,10 +201,10 @@ def test_a_changed_table_shard_is_caught_before_loading_and_the_older_checkpoint
     expected = _trainer(compressor, None, checkpoint_every=2).train()
     trainer = _trainer(compressor, tmp_path, checkpoint_every=2)
     trainer.train(until=5)  # checkpoints 4 and 5 are kept; metrics reach step 5
-    _flip_byte(tmp_path / "checkpoints" / "step_00000005" / "tables" / "shard_00000_of_00001.safetensors")
+    _flip_byte(tmp_path / "checkpoints" / "step_00000005" / "shard_00000_of_00001.safetensors")
 
     resumed = _trainer(compressor, tmp_path, checkpoint_every=2, seed=4)
-    with pytest.warns(UserWarning, match="step_00000005 cannot be used: table shard .* does not match"):
+    with pytest.warns(UserWarning, match="step_00000005 cannot be used: checkpoint file .* does not match"):
         assert resumed.resume() and resumed.step == 4
     assert _steps(tmp_path) == [1, 2, 3, 4]  # nothing past the step resumed from
     assert resumed.train() == expected[4:]
@@ -219,14 +219,14 @@ def test_when_every_checkpoint_is_damaged_nothing_starts_over(compressor, tmp_pa
     _trainer(compressor, tmp_path, checkpoint_every=2).train(until=4)
     checkpoints = tmp_path / "checkpoints"
     (checkpoints / "step_00000004" / "manifest.json").write_text("{")
-    _flip_byte(checkpoints / "step_00000002" / "dense" / "tensors.safetensors")
+    _flip_byte(checkpoints / "step_00000002" / "shard_00000_of_00001.safetensors")
     before = _snapshot(tmp_path)
     with pytest.raises(NoUsableCheckpointError) as refused:
         _trainer(compressor, tmp_path).resume()
     message = str(refused.value)
     assert "no checkpoint of" in message and "Nothing was changed" in message and f"move {tmp_path} away" in message
     assert "step_00000004: corrupt checkpoint" in message and "manifest.json is not valid JSON" in message
-    assert "step_00000002: its dense state" in message
+    assert "step_00000002: checkpoint file" in message and "does not match manifest.json" in message
     assert _snapshot(tmp_path) == before
 
 
@@ -410,12 +410,12 @@ def test_the_layer_and_the_model_refuse_empty_sequences_wide_dtypes_and_wrapping
 def test_load_checkpoint_leaves_the_model_untouched_when_a_shard_is_damaged(compressor, tmp_path):
     trainer = _trainer(compressor, tmp_path)
     trainer.train(until=2)
-    shard = tmp_path / "checkpoints" / "step_00000002" / "tables" / "shard_00000_of_00001.safetensors"
+    shard = tmp_path / "checkpoints" / "step_00000002" / "shard_00000_of_00001.safetensors"
     _flip_byte(shard)
     fresh = _trainer(compressor, None, seed=11)
     before = _state(fresh)
-    with pytest.raises(ValueError, match=r"cannot be used: table shard .* does not match manifest\.json"):
-        load_checkpoint(shard.parents[1], fresh.model, fresh.optimizers)
+    with pytest.raises(ValueError, match=r"cannot be used: checkpoint file .* does not match manifest\.json"):
+        load_checkpoint(shard.parent, fresh.model, fresh.optimizers)
     for name, value in before.items():
         assert torch.equal(fresh.model.state_dict()[name], value), name
 

@@ -3,11 +3,18 @@
 from engram.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engram.training.config import TrainConfig, lr_factor
 from engram.training.distributed import init_distributed
-from engram.training.errors import DamagedCheckpointError, NonFiniteError, NoUsableCheckpointError, TrainingInterrupted
+from engram.training.errors import (
+    CheckpointVersionError,
+    DamagedCheckpointError,
+    NonFiniteError,
+    NoUsableCheckpointError,
+    TrainingInterrupted,
+)
 from engram.training.row_optim import RowAdagrad, RowAdam, RowOptimizer
 from engram.training.trainer import Trainer, build_optimizers, seed_everything
 
 __all__ = [
+    "CheckpointVersionError",
     "DamagedCheckpointError",
     "NoUsableCheckpointError",
     "NonFiniteError",

@@ -1,10 +1,10 @@
 """Moving a training run's Engram tables between tiers (``engram tables convert``).
 
-A run's newest checkpoint holds its device or host tables (and their optimizer state) in table
-shard files, or refers to disk table folders. Converting rewrites that checkpoint with the tables in
+A run's newest checkpoint holds its device or host tables (and their optimizer state) in its rank
+files, or refers to disk table folders. Converting rewrites that checkpoint with the tables in
 the other form and records the new tier in ``run.json``; training, evaluation and generation then
 use the new tier. Device and host checkpoints are identical, so converting between those two only
-changes ``run.json``. Shards written by any number of ranks become one disk table per layer; disk
+changes ``run.json``. Tables written by any number of ranks become one disk table per layer; disk
 tables sharded over several ranks are not converted (resume them at their world size).
 
 Order of writes, so that a crash never loses the run: disk tables are written into a temporary
@@ -21,20 +21,14 @@ import secrets
 import shutil
 from pathlib import Path
 
+import torch
+
 from engram._files import FolderLock, swap_into_place
 from engram.storage.config import LAYER_FOLDER, StorageConfig
 from engram.storage.disk import DiskTable, verify_tables
 from engram.storage.table_file import TableFileError
-from engram.training.checkpoint import (
-    DENSE,
-    ShardReader,
-    new_manifest,
-    read_manifest,
-    shard_key,
-    write_manifest,
-    write_shard,
-)
-from engram.training.checkpoint_io import load_state, save_state
+from engram.training.checkpoint import checkpoint_damage, read_manifest, read_tensors, write_checkpoint_folder
+from engram.training.errors import DamagedCheckpointError
 from engram.training.run import read_run, write_spec
 
 
@@ -62,9 +56,11 @@ def _convert(run_dir: Path, target: StorageConfig) -> Path:
     spec = dataclasses.replace(saved, storage=target)
     target = spec.storage_for(run_dir)
 
+    damage = checkpoint_damage(checkpoint, hashes=True)  # every file, before anything is written
+    if damage is not None:
+        raise DamagedCheckpointError(checkpoint, damage)
     manifest = read_manifest(checkpoint)
-    tree = load_state(checkpoint / DENSE)
-    meta = tree["meta"]
+    meta = manifest["meta"]
     source = StorageConfig.from_dict(meta.get("storage", {}))
     if source.tier == "disk" and saved.storage.tier == "disk":
         # the folder training uses (run.json's), not the one recorded when the checkpoint was written: a run
@@ -74,17 +70,23 @@ def _convert(run_dir: Path, target: StorageConfig) -> Path:
     if (source.tier == "disk") != (target.tier == "disk"):
         staging = checkpoint.parent / f".convert-{checkpoint.name}-{secrets.token_hex(6)}"
         try:
+            dense = read_tensors(checkpoint, ("model/", "optimizers/", "rng/"))
             if target.tier == "disk":
-                shard = _shards_to_disk(ShardReader(checkpoint, manifest), Path(target.directory), staging)
+                _tables_to_disk(checkpoint, manifest, Path(target.directory))
+                tensors = dense
             else:
-                shard = _disk_to_shard(manifest, source, staging)
-            meta["storage"] = target.to_dict()
-            save_state(staging / DENSE, tree)
+                tensors = {**dense, **_disk_tables(manifest, source)}
             tables = {
                 layer: {**entry, "persisted": target.tier == "disk"} for layer, entry in manifest["tables"].items()
             }
-            shard["rows"] = {layer: [0, entry["num_rows"]] for layer, entry in tables.items()}
-            write_manifest(staging, new_manifest(manifest["step"], 1, tables, [shard]))
+            meta["storage"] = target.to_dict()
+            staging.mkdir()
+            write_checkpoint_folder(
+                staging,
+                tensors,
+                {},  # whole arrays: every table starts at row 0
+                {"world_size": 1, "meta": meta, "tables": tables, "optimizers": manifest["optimizers"]},
+            )
             swap_into_place(staging, checkpoint)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone after the swap; left by a failure before it
@@ -92,37 +94,35 @@ def _convert(run_dir: Path, target: StorageConfig) -> Path:
     return checkpoint
 
 
-def _shards_to_disk(reader: ShardReader, directory: Path, staging: Path) -> dict:
-    """One disk table per layer from the checkpoint's shards; returns the (empty) shard record of the new one."""
+def _tables_to_disk(checkpoint: Path, manifest: dict, directory: Path) -> None:
+    """One disk table per layer from the checkpoint's table arrays (written by any number of ranks)."""
     if directory.exists() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty; remove it or choose another --directory")
     tables_tmp = directory.parent / f".{directory.name}.tmp-{secrets.token_hex(6)}"
-    step = int(reader.manifest["step"])
+    step = int(manifest["meta"]["step"])
     try:
-        for layer, entry in reader.manifest["tables"].items():
-            rows = entry["num_rows"]
-            weight = reader.read_rows(int(layer), "weight", 0, rows)
-            states = {name: reader.read_rows(int(layer), name, 0, rows) for name in entry["states"]}
+        for layer in manifest["tables"]:  # one layer in memory at a time
+            arrays = read_tensors(checkpoint, (f"tables/{layer}/",))
+            weight = arrays.pop(f"tables/{layer}/weight")
+            states = {name.rsplit("/", 1)[1]: array for name, array in arrays.items()}
             folder = tables_tmp / LAYER_FOLDER.format(int(layer))
             DiskTable.from_tensors(folder, weight, states, committed_step=step).close()
-        shard = write_shard(staging, 0, 1, {})
         if directory.exists():
             directory.rmdir()
         os.replace(tables_tmp, directory)
     except BaseException:
         shutil.rmtree(tables_tmp, ignore_errors=True)
         raise
-    return shard
 
 
-def _disk_to_shard(manifest: dict, source: StorageConfig, staging: Path) -> dict:
-    """The disk tables of a one-process checkpoint, rolled back to it, as one shard file."""
+def _disk_tables(manifest: dict, source: StorageConfig) -> dict[str, torch.Tensor]:
+    """The disk tables of a one-process checkpoint, rolled back to it, as checkpoint tensors."""
     if manifest["world_size"] != 1:
         raise ValueError(
             f"the disk tables of this run are sharded over {manifest['world_size']} ranks; converting sharded disk "
             "tables is not supported: resume the run with that many ranks"
         )
-    step = int(manifest["step"])
+    step = int(manifest["meta"]["step"])
     tensors = {}
     for layer in manifest["tables"]:
         table = DiskTable(source.layer_directory(int(layer)))
@@ -136,8 +136,8 @@ def _disk_to_shard(manifest: dict, source: StorageConfig, staging: Path) -> dict
                 f"the disk table at {table.directory} is damaged ({listing}); nothing was converted. "
                 f"`engram tables verify {table.directory}` lists the rows"
             )
-        tensors[shard_key(int(layer), "weight")] = table.weight.clone()
+        tensors[f"tables/{layer}/weight"] = table.weight.clone()
         for name, state in table.row_states().items():
-            tensors[shard_key(int(layer), name)] = state.clone()
+            tensors[f"tables/{layer}/{name}"] = state.clone()
         table.close()
-    return write_shard(staging, 0, 1, tensors)
+    return tensors

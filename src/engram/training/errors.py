@@ -41,5 +41,13 @@ class DamagedCheckpointError(ValueError):
         super().__init__(f"checkpoint {path} cannot be used: {reason}")
 
 
+class CheckpointVersionError(ValueError):
+    """A checkpoint in a format version this engram does not read (an older or a newer one).
+
+    Not damage: such a checkpoint is refused as it is, never skipped or set aside; the message names the
+    version found, the version this code reads and what to do.
+    """
+
+
 class NoUsableCheckpointError(ValueError):
     """A run has checkpoints, and none of them can be resumed from; the message lists why and what to do."""

@@ -507,6 +507,8 @@ class Trainer:
             NoUsableCheckpointError: the run has checkpoints and none is usable; the message lists what
                 is damaged and how to start over. Nothing was changed.
             ValueError: a checkpoint belongs to another model, run, tier or optimizer setup.
+            CheckpointVersionError: a checkpoint is in another format version (an older engram's); nothing
+                was changed.
         """
         if self.out_dir is None:
             return False
