@@ -242,3 +242,32 @@ except ImportError as exc:
     assert result.returncode == 0, result.stderr
     assert "refused:" in result.stdout and "pip install 'engram[hf]'" in result.stdout
 
+
+def test_export_hf_command_converts_a_trained_run(tmp_path, monkeypatch):
+    from engram.training.run import load_run
+    from tests.cli_runs import make_workspace, run_engram
+
+    monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path))
+    ws = make_workspace(tmp_path)
+    run = tmp_path / "run"
+    sets = ["train.steps=3", "train.batch_size=2", "train.seq_len=32", "train.eval_every=3", "train.eval_batches=1"]
+    sets += ["train.checkpoint_every=3", "train.warmup_steps=1"]
+    trained = run_engram(
+        "train", "--data", ws["data"], "--model", ws["model"], "--out", run, "--tokenizer", ws["tokenizer"],
+        "--no-progress", *[a for s in sets for a in ("--set", s)], cache=tmp_path,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    out = tmp_path / "hf"
+    exported = run_engram("export-hf", run, out, "--max-shard-size", "200KB", cache=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    again = run_engram("export-hf", run, out, cache=tmp_path)
+    assert again.returncode == 2 and "not an empty folder" in again.stderr
+
+    model, _, tokenizer, _ = load_run(run, "cpu")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    prompt = torch.tensor([tokenizer.encode("Shall I compare thee to a summer's day?")])
+    with torch.no_grad():
+        assert torch.equal(loaded(prompt).logits, EngramForCausalLM.from_engram(model)(prompt).logits)
+    out_ids = loaded.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out_ids, generate(model, prompt, 8, temperature=0))
