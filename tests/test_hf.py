@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -18,7 +19,7 @@ pytest.importorskip("transformers", minversion="5.24")
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engram import EngramIndexer
+from engram import CompressedTokenizer, EngramIndexer
 from engram.hf import EngramCache, EngramForCausalLM, EngramHFConfig
 from engram.inference import generate
 from engram.model import EngramLM, ModelConfig
@@ -266,6 +267,9 @@ def test_export_hf_command_converts_a_trained_run(tmp_path, monkeypatch):
 
     model, _, tokenizer, _ = load_run(run, "cpu")
     loaded = AutoModelForCausalLM.from_pretrained(out)
+    loaded.check_tokenizer(out / "tokenizer.json")  # the exported tokenizer compresses as the saved table
+    with pytest.raises(ValueError, match="not the tokenizer the model was built with"):
+        loaded.check_tokenizer(CompressedTokenizer.from_table(np.arange(1024)))
     prompt = torch.tensor([tokenizer.encode("Shall I compare thee to a summer's day?")])
     with torch.no_grad():
         assert torch.equal(loaded(prompt).logits, EngramForCausalLM.from_engram(model)(prompt).logits)

@@ -139,6 +139,22 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             self.lm.indexer = EngramIndexer(self.lm.config.engram, compressor)
         return self.lm.indexer
 
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise unless ``tokenizer`` compresses exactly as the model's saved table (so its ids fit the model).
+
+        ``tokenizer``: a ``CompressedTokenizer`` or anything it accepts (a ``tokenizer.json`` path, such
+        as the one ``engram export-hf`` writes next to the weights, or a tokenizer object).
+        """
+        if self.config.compression is None:
+            return  # no Engram layers: nothing is hashed
+        compressor = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
+        if table_sha256(compressor.lookup_table) != self.config.compression["table_sha256"]:
+            raise ValueError(
+                f"this tokenizer ({compressor.raw_vocab_size} raw ids, {len(compressor)} canonical) does not "
+                f"compress as the model's ({self.config.compression['raw_vocab_size']} raw, "
+                f"{self.config.compression['num_canonical']} canonical): not the tokenizer the model was built with"
+            )
+
     # -- embeddings (the PreTrainedModel interface) ----------------------------------------------
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.lm.embed
