@@ -132,3 +132,21 @@ def test_cache_is_reused_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
     # A different tokenizer gets its own entry.
     CompressedTokenizer(_word_level([*vocab, "c"]), cache_dir=tmp_path)
     assert len(list(tmp_path.glob("compression-*.npy"))) == 2
+
+
+def test_from_table_maps_like_the_original_and_needs_no_tokenizer(compressor):
+    """An exported model rebuilds its compressor from the saved table alone (engram.hf)."""
+    rebuilt = CompressedTokenizer.from_table(torch.from_numpy(compressor.lookup_table), compressor.fingerprint)
+    ids = torch.arange(compressor.raw_vocab_size).view(2, -1)
+    assert torch.equal(rebuilt(ids), compressor(ids))
+    assert (rebuilt.raw_vocab_size, len(rebuilt), rebuilt.fingerprint) == (
+        compressor.raw_vocab_size,
+        len(compressor),
+        compressor.fingerprint,
+    )
+    with pytest.raises(RuntimeError, match="from its lookup table alone"):
+        rebuilt.encode("Shall I compare thee")
+    with pytest.raises(ValueError, match="first appearance"):
+        CompressedTokenizer.from_table(np.array([0, 2, 1]))
+    with pytest.raises(ValueError, match="1-D integer"):
+        CompressedTokenizer.from_table(np.zeros((2, 2), dtype=np.int64))

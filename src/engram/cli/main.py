@@ -13,11 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from engram._files import FolderInUseError
-from engram.cli import analyze, data, demo, evaluate, experiment, generate, inspect, params, tables, train
+from engram.cli import analyze, data, demo, evaluate, experiment, export, generate, inspect, params, tables, train
 from engram.training.errors import NonFiniteError, TrainingInterrupted
 
 # In workflow order: what `engram --help` lists.
-COMMANDS = (data, train, evaluate, analyze, generate, inspect, params, tables, experiment, demo)
+COMMANDS = (data, train, evaluate, analyze, generate, export, inspect, params, tables, experiment, demo)
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1

@@ -178,6 +178,42 @@ class CompressedTokenizer:
         self.num_canonical = int(self.lookup_table.max()) + 1 if self.lookup_table.size else 0
         self._table_on: dict[torch.device, torch.Tensor] = {}
 
+    @classmethod
+    def from_table(cls, lookup_table: Any, fingerprint: str | None = None) -> CompressedTokenizer:
+        """A compressor from a saved lookup table (raw id -> canonical id) alone, without its tokenizer.
+
+        It maps ids exactly as the compressor whose ``lookup_table`` was saved (what an exported model
+        stores, so that loading it needs neither the tokenizer nor the network); what needs the
+        tokenizer itself (``encode``, ``decode``, ``raw_token``, ``canonical_key``, ``tokenizer``)
+        raises. ``fingerprint``: the original's, kept for reference.
+
+        Raises:
+            ValueError: the table is not one of ``CompressedTokenizer``'s (1-D integers numbered by
+                first appearance from 0).
+        """
+        table = np.asarray(lookup_table)
+        if table.ndim != 1 or table.dtype.kind not in "iu":
+            raise ValueError(f"a compression table is a 1-D integer array, got shape {table.shape} of {table.dtype}")
+        table = np.ascontiguousarray(table, dtype=np.int64)
+        if not _is_valid_table(table, table.shape[0]):
+            raise ValueError("not a compression table: canonical ids must be numbered by first appearance from 0")
+        self = cls.__new__(cls)
+        self._view = None
+        self._normalizer = build_normalizer()
+        self.fingerprint = fingerprint
+        self.lookup_table = table
+        self.num_canonical = int(table.max()) + 1 if table.size else 0
+        self._table_on = {}
+        return self
+
+    def _tokenizer_view(self) -> _TokenizerView:
+        if self._view is None:
+            raise RuntimeError(
+                "this CompressedTokenizer was rebuilt from its lookup table alone (from_table): it maps ids, but "
+                "encoding, decoding and token strings need the tokenizer; build it with CompressedTokenizer(tokenizer)"
+            )
+        return self._view
+
     # -- construction -------------------------------------------------------------------------
     def _load_or_build(self, cache_dir: str | os.PathLike | bool | None) -> np.ndarray:
         if cache_dir is False or self.fingerprint is None:
@@ -207,11 +243,11 @@ class CompressedTokenizer:
     @property
     def tokenizer(self) -> Any:
         """The wrapped ``tokenizers.Tokenizer`` or ``transformers`` tokenizer."""
-        return self._view.tokenizer
+        return self._tokenizer_view().tokenizer
 
     @property
     def raw_vocab_size(self) -> int:
-        return self._view.vocab_size
+        return int(self.lookup_table.shape[0])
 
     def __len__(self) -> int:
         return self.num_canonical
@@ -256,22 +292,23 @@ class CompressedTokenizer:
     # -- inspection -----------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Raw ids of ``text`` (no special tokens added)."""
-        return self._view.encode(text)
+        return self._tokenizer_view().encode(text)
 
     def decode(self, ids: list[int]) -> str:
         """Text of raw ids, special tokens kept."""
-        return self._view.decode(ids)
+        return self._tokenizer_view().decode(ids)
 
     def raw_token(self, tid: int) -> str:
         """The tokenizer's own string for raw id ``tid`` (byte-level form)."""
-        return self._view.raw_token(tid)
+        return self._tokenizer_view().raw_token(tid)
 
     def canonical_key(self, canonical_id: int) -> str:
         """The normalised text that canonical id ``canonical_id`` stands for."""
         if not 0 <= canonical_id < len(self):
             raise ValueError(f"canonical id {canonical_id} outside [0, {len(self)})")
         first_raw = int(np.argmax(self.lookup_table == canonical_id))
-        return _compression_key(self._view, self._normalizer, first_raw, self._view.decode([first_raw]))
+        view = self._tokenizer_view()
+        return _compression_key(view, self._normalizer, first_raw, view.decode([first_raw]))
 
     def merge_groups(self, top: int | None = None) -> list[tuple[int, list[int]]]:
         """Canonical ids that absorb more than one raw id, largest groups first.

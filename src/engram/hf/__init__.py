@@ -1,0 +1,36 @@
+"""Engram models in Hugging Face ``transformers``: ``EngramHFConfig`` and ``EngramForCausalLM``.
+
+Importing this module registers ``model_type="engram"`` with ``AutoConfig`` and
+``AutoModelForCausalLM`` (``register()`` does it again, harmlessly). It needs the optional
+``transformers`` dependency: ``pip install 'engram[hf]'``; the rest of engram does not.
+
+    from engram.hf import EngramForCausalLM
+    hf_model = EngramForCausalLM.from_engram(lm)        # wraps an EngramLM, shares its weights
+    hf_model.save_pretrained("out")                     # config.json + model.safetensors
+    model = AutoModelForCausalLM.from_pretrained("out") # after `import engram.hf`
+"""
+
+from __future__ import annotations
+
+try:
+    import transformers  # noqa: F401
+except ImportError as exc:
+    raise ImportError(
+        "engram.hf needs the optional 'transformers' package (>= 5.24): pip install 'engram[hf]'"
+    ) from exc
+
+from engram.hf.config import EngramHFConfig, describe_compression
+from engram.hf.modeling import EngramCache, EngramForCausalLM
+
+
+def register() -> None:
+    """Make ``AutoConfig`` and ``AutoModelForCausalLM`` resolve ``model_type="engram"`` to these classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    AutoConfig.register(EngramHFConfig.model_type, EngramHFConfig, exist_ok=True)
+    AutoModelForCausalLM.register(EngramHFConfig, EngramForCausalLM, exist_ok=True)
+
+
+register()
+
+__all__ = ["EngramCache", "EngramForCausalLM", "EngramHFConfig", "describe_compression", "register"]
