@@ -269,6 +269,10 @@ def test_quick_experiment_runs_skips_and_resumes(tmp_path):
     )
     assert imported.returncode == 0, imported.stdout + imported.stderr
     assert "2 runs imported" in imported.stdout and "2 records left out" in imported.stdout
+    assert f"{results['runs'][0]['variant']} seed 1: experiment 'tiny' has no run of this variant and seed" in (
+        imported.stdout
+    ), imported.stdout
+    assert "engram seed 0: another model, recipe or dataset" in imported.stdout
     assert json.loads((out2 / "tiny-quick" / "engram" / "seed0" / "final.json").read_text()) == finals["engram"]
     skipped = run_engram("experiment", "run", moved_path, "--quick", "--out", out2, cache=tmp_path)
     assert "2 runs, 2 complete, 0 to train" in skipped.stdout, skipped.stdout + skipped.stderr

@@ -132,8 +132,9 @@ def _import(args: argparse.Namespace) -> int:
     folder = experiment_folder(experiment, args.out, args.quick)
     print(f"{len(imported)} runs imported into {folder}; {len(records) - len(imported) - len(refused)} were complete")
     if refused:
-        names = ", ".join(f"{r.get('variant')} seed {r.get('seed')}" for r in refused)
-        print(f"{len(refused)} records left out (another model, recipe or dataset than this experiment's): {names}")
+        print(f"{len(refused)} records left out:")
+        for record, reason in refused:
+            print(f"  {record.get('variant')} seed {record.get('seed')}: {reason}")
     return 0
 
 

@@ -98,21 +98,25 @@ def plan_runs(
 
 def import_results(
     experiment: Experiment, out: Path, records: list[dict], quick: bool = False
-) -> tuple[list[RunStatus], list[dict]]:
+) -> tuple[list[RunStatus], list[tuple[dict, str]]]:
     """Put finished runs' records (``final.json`` contents, e.g. the ``runs`` of a results.json)
     back as the ``final.json`` of their run folders, so ``run_experiment`` skips them.
 
     A record is taken only when its fingerprint equals that of the experiment's run of the same
     variant and seed on this dataset: results of another model, recipe or dataset are never mixed
-    in. Runs already complete are left alone. Returns (the runs imported, the records not taken).
+    in. Runs already complete are left alone. Returns (the runs imported, the records not taken,
+    each with the reason).
     """
     data_dir = prepare_data(experiment, out)
     statuses = {(s.plan.variant, s.plan.seed): s for s in plan_runs(experiment, out, data_dir, quick)}
     imported, refused = [], []
     for record in records:
         status = statuses.get((record.get("variant"), record.get("seed")))
-        if status is None or record.get("fingerprint") != status.fingerprint:
-            refused.append(record)
+        if status is None:
+            refused.append((record, f"experiment {experiment.name!r} has no run of this variant and seed"))
+            continue
+        if record.get("fingerprint") != status.fingerprint:
+            refused.append((record, "another model, recipe or dataset than this experiment's run (fingerprint)"))
             continue
         if not status.complete:
             status.folder.mkdir(parents=True, exist_ok=True)
