@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine: `make run` (the main job) and `make test`.
 # Both create the virtual environment on first use. torch is pinned for setup only
-# (a local CPU build here); the package itself accepts any torch >= 2.4.
+# (a local CPU build here); the package itself accepts any torch >= 2.13 (pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
