@@ -17,12 +17,16 @@ from torch.nn import functional as F
 pytest.importorskip("transformers", minversion="5.24")
 
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engram import CompressedTokenizer, EngramIndexer
 from engram.hf import EngramCache, EngramForCausalLM, EngramHFConfig
+from engram.hf.modeling import CACHE_ARG as CACHE_FIELD
 from engram.inference import generate
 from engram.model import EngramLM, ModelConfig
+from engram.storage import DeviceTable, DiskTable, HostTable, StorageConfig, place_tables
+from engram.training.row_optim import RowAdam
 from tests.test_model import BASE, ENGRAM, MOE
 
 # A live convolution (PyTorch's init, not zeros), so that decoding depends on the convolution state.
@@ -275,3 +279,225 @@ def test_export_hf_command_converts_a_trained_run(tmp_path, monkeypatch):
         assert torch.equal(loaded(prompt).logits, EngramForCausalLM.from_engram(model)(prompt).logits)
     out_ids = loaded.generate(prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(out_ids, generate(model, prompt, 8, temperature=0))
+
+
+# -- tables in the host and disk tiers ------------------------------------------------------------------------
+
+
+def _placed_lm(compressor, tier: str, directory: Path, config: ModelConfig = CONFIG) -> EngramLM:
+    """``_lm`` with its tables placed in ``tier`` (disk tables under ``directory``)."""
+    lm = _lm(compressor, config)
+    return place_tables(lm, StorageConfig(tier=tier, directory=str(directory)))
+
+
+def _table(model: EngramForCausalLM):
+    return model.lm.blocks[1].engram.table
+
+
+@pytest.mark.parametrize("saved", ["device", "host", "disk"])
+def test_every_tier_round_trips_bit_for_bit_into_every_tier(compressor, tmp_path, saved):
+    lm = _placed_lm(compressor, saved, tmp_path / "run-tables")
+    folder = tmp_path / "saved"
+    EngramForCausalLM.from_engram(lm).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["engram_storage"]["tier"] == saved
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        in_weights = "lm.blocks.1.engram.table.weight" in set(f.keys())
+    assert in_weights == (saved != "disk")  # disk rows are never in the safetensors
+    assert (folder / "tables" / "layer_01" / "weight.table").is_file() == (saved == "disk")
+    ids = _ids(2, 20)
+    with torch.no_grad():
+        reference = lm(ids).logits
+
+    kinds = {"device": DeviceTable, "host": HostTable, "disk": DiskTable}
+    targets = {"saved": None, **{t: StorageConfig(tier=t, directory=str(tmp_path / f"to-{t}")) for t in kinds}}
+    for name, storage in targets.items():
+        loaded = EngramForCausalLM.from_pretrained(folder, storage=storage)
+        tier = saved if storage is None else storage.tier
+        assert type(_table(loaded)) is kinds[tier], name
+        assert loaded.config.engram_storage["tier"] == tier
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, reference), name
+        if tier == "disk" and storage is not None:  # copied into the new folder, writable, for training
+            assert _table(loaded).directory == tmp_path / "to-disk" / "layer_01" and _table(loaded).writable
+        _close_disk_tables(loaded.lm)
+    _close_disk_tables(lm)
+
+
+def _close_disk_tables(lm: EngramLM) -> None:
+    for layer in lm.engram_layers().values():
+        if isinstance(layer.table, DiskTable):
+            layer.table.close()
+
+
+def _train_step(model: EngramForCausalLM, ids: torch.Tensor) -> None:
+    """One RowAdam step on the Engram tables (what engram's Trainer does for them)."""
+    tables = [layer.table for layer in model.lm.engram_layers().values()]
+    optimizer = RowAdam(tables, lr=0.1)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+
+
+def test_saved_disk_tables_open_read_only_in_place_or_copied_for_training(compressor, tmp_path):
+    lm = _placed_lm(compressor, "disk", tmp_path / "run-tables")
+    folder = tmp_path / "saved"
+    EngramForCausalLM.from_engram(lm).save_pretrained(folder)
+    saved_file = folder / "tables" / "layer_01" / "weight.table"
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        reference = lm(ids).logits
+
+    loaded = EngramForCausalLM.from_pretrained(folder)  # in place: memory-mapped, read-only
+    table = _table(loaded)
+    assert isinstance(table, DiskTable) and table.directory == folder / "tables" / "layer_01"
+    assert not table.writable and "lm.blocks.1.engram.table.weight" not in loaded.state_dict()
+    with pytest.raises(RuntimeError, match="read-only"):
+        _train_step(loaded, ids)  # nothing may change the saved model
+    assert sorted(p.name for p in saved_file.parent.iterdir()) == ["weight.table"]  # no optimizer state written
+    inode = saved_file.stat().st_ino
+    loaded.save_pretrained(folder)  # into its own folder: the tables are already there, kept as they are
+    assert saved_file.stat().st_ino == inode
+    loaded.save_pretrained(tmp_path / "again")  # elsewhere: copied
+    assert (tmp_path / "again" / "tables" / "layer_01" / "weight.table").is_file()
+    _close_disk_tables(loaded.lm)
+
+    storage = StorageConfig(tier="disk", directory=str(tmp_path / "finetune"))
+    tuned = EngramForCausalLM.from_pretrained(folder, storage=storage)
+    assert _table(tuned).directory == tmp_path / "finetune" / "layer_01" and _table(tuned).writable
+    _train_step(tuned, ids)
+    with torch.no_grad():
+        assert not torch.equal(tuned(ids).logits, reference)  # the copy trained
+    with pytest.raises(ValueError, match="already holds a table"):
+        EngramForCausalLM.from_pretrained(folder, storage=storage)
+    _close_disk_tables(tuned.lm)
+    again = EngramForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, reference)  # the saved tables did not change
+    _close_disk_tables(again.lm)
+
+    (folder / "tables" / "layer_01" / "weight.table").unlink()
+    with pytest.raises(FileNotFoundError, match=r"weight\.table is missing"):
+        EngramForCausalLM.from_pretrained(folder)
+    _close_disk_tables(lm)
+
+
+_FRESH_PROCESS_LOAD = """
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from engram.hf import EngramForCausalLM
+
+def memory_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+folder, warm_folder, ids_file, out_file = sys.argv[1:]
+ids = load_file(ids_file)["ids"]
+with torch.no_grad():  # a small model first: what loading and a forward pass cost besides the table
+    EngramForCausalLM.from_pretrained(warm_folder)(ids)
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # resets the peak (VmHWM) to the resident memory now, so that it measures the loading
+before, anon_before = memory_kib("VmRSS"), memory_kib("RssAnon")
+model = EngramForCausalLM.from_pretrained(folder)
+load_peak = memory_kib("VmHWM") - before
+with torch.no_grad():
+    logits = model(ids).logits
+# Pages of the mapped file that lookups touch count as RssFile (page cache, reclaimable); rows read into
+# memory (a copy) would be RssAnon.
+anon = memory_kib("RssAnon") - anon_before
+table = model.lm.blocks[1].engram.table
+save_file({"logits": logits}, out_file)
+keys = [k for k in model.state_dict() if "engram.table" in k]
+report = {"load_peak_mib": load_peak / 1024, "anon_mib": anon / 1024, "table": type(table).__name__}
+print(json.dumps({**report, "directory": str(table.directory), "writable": table.writable, "table_keys": keys}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures memory through Linux's /proc")
+def test_disk_tables_load_in_a_fresh_process_without_reading_the_rows(compressor, tmp_path):
+    """A ~60 MiB disk table: a new process loads the saved folder, and its peak memory grows by far less."""
+    config = dataclasses.replace(CONFIG, engram=dataclasses.replace(ENGRAM_CONV, engram_vocab_size=[260_000] * 2))
+    lm = _placed_lm(compressor, "disk", tmp_path / "run-tables", config)
+    table_mib = _table(EngramForCausalLM.from_engram(lm)).weight.nbytes / 2**20
+    assert table_mib > 50
+    folder = tmp_path / "saved"
+    EngramForCausalLM.from_engram(lm).save_pretrained(folder)
+    ids = _ids(2, 20)
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    with torch.no_grad():
+        reference = lm(ids).logits
+    _close_disk_tables(lm)
+
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    EngramForCausalLM.from_engram(_lm(compressor)).save_pretrained(tmp_path / "warm")
+    args = [folder, tmp_path / "warm", tmp_path / "ids.safetensors", tmp_path / "logits.safetensors"]
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS_LOAD, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["table"] == "DiskTable" and not report["writable"] and not report["table_keys"]
+    assert Path(report["directory"]) == folder / "tables" / "layer_01"
+    assert report["load_peak_mib"] < table_mib / 4, report  # loading maps the rows, reads none
+    assert report["anon_mib"] < table_mib / 4, report  # looking rows up copies no table into memory
+    assert torch.equal(load_file(str(tmp_path / "logits.safetensors"))["logits"], reference)
+
+
+# -- beam search and pipelines ---------------------------------------------------------------------------------
+
+
+def test_beam_search_with_cache_equals_beam_search_without(compressor):
+    lm = _lm(compressor, dtype=torch.float64)
+    hf = EngramForCausalLM.from_engram(lm)
+    prompt = _ids(2, 5, seed=3)
+    options = dict(max_new_tokens=10, num_beams=3, do_sample=False)
+    cached = hf.generate(prompt, use_cache=True, **options)
+    uncached = hf.generate(prompt, use_cache=False, **options)
+    assert cached.shape == (2, 15)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, hf.generate(prompt, max_new_tokens=10, do_sample=False))  # beams mattered
+
+
+def test_reordered_cache_continues_the_reordered_sequences(compressor):
+    """reorder_cache(beam_idx) leaves the state of the sequences beam_idx picks, as if they had been decoded."""
+    lm = _lm(compressor, dtype=torch.float64)
+    hf = EngramForCausalLM.from_engram(lm)
+    ids = _ids(3, 9)
+    with torch.no_grad():
+        cache = getattr(hf(ids[:, :6], use_cache=True), CACHE_FIELD)
+        beam_idx = torch.tensor([2, 2, 0])
+        cache.reorder_cache(beam_idx)
+        picked = ids[beam_idx]
+        rest = hf(picked[:, 6:], use_cache=True, **{CACHE_FIELD: cache}).logits
+        full = hf(picked).logits
+    torch.testing.assert_close(rest, full[:, 6:], rtol=0, atol=1e-10)
+
+
+def test_text_generation_pipeline_with_the_saved_tokenizer(compressor, tmp_path, monkeypatch):
+    from transformers import pipeline
+
+    from tests.corpus import sonnets_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder: nothing to fetch
+    lm = _placed_lm(compressor, "disk", tmp_path / "run-tables")
+    hf = EngramForCausalLM.from_engram(lm)
+    hf.save_pretrained(tmp_path / "saved")
+    hf.save_tokenizer(sonnets_tokenizer(), tmp_path / "saved")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    with pytest.raises(ValueError, match="not the tokenizer the model was built with"):
+        hf.save_tokenizer(CompressedTokenizer.from_table(np.arange(1024)), tmp_path / "other")
+
+    generator = pipeline("text-generation", model=str(tmp_path / "saved"))
+    assert isinstance(_table(generator.model), DiskTable)
+    text = "Shall I compare thee to a summer's day?"
+    out = generator(text, max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    prompt = torch.tensor([compressor.encode(text)])
+    assert out == generate(lm, prompt, 8, temperature=0)[0].tolist()
+    assert generator(text, max_new_tokens=8, do_sample=False)[0]["generated_text"].startswith(text)
+    _close_disk_tables(generator.model.lm)
+    _close_disk_tables(lm)

@@ -183,6 +183,22 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 f"{self.config.compression['num_canonical']} canonical): not the tokenizer the model was built with"
             )
 
+    def save_tokenizer(self, tokenizer: Any, save_directory: str | Path) -> None:
+        """Write ``tokenizer`` as a transformers tokenizer into ``save_directory`` (``tokenizer.json`` and
+        ``tokenizer_config.json``), so that ``AutoTokenizer`` and ``pipeline("text-generation")`` load it.
+
+        ``tokenizer``: a ``tokenizers.Tokenizer`` (wrapped in ``PreTrainedTokenizerFast``) or a
+        transformers tokenizer. It is checked first (``check_tokenizer``): a tokenizer that does not
+        compress as the model's saved table would feed the model ids it was not built for.
+        """
+        from tokenizers import Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        self.check_tokenizer(tokenizer)
+        if isinstance(tokenizer, Tokenizer):
+            tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+        tokenizer.save_pretrained(str(save_directory))
+
     # -- embeddings (the PreTrainedModel interface) ----------------------------------------------
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.lm.embed
