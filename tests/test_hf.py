@@ -210,6 +210,23 @@ def test_loss_with_labels_is_engrams_loss(compressor):
     assert hf.lm.embed.weight.grad is not None
 
 
+def test_loss_adds_the_moe_balance_loss_as_engrams_trainer_does(compressor):
+    config = dataclasses.replace(CONFIG, moe=dataclasses.replace(MOE, aux_loss_weight=0.01))
+    lm = _lm(compressor, config).train()
+    hf = EngramForCausalLM.from_engram(lm)
+    ids = _ids(2, 16)
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    reference = lm(ids, targets=targets)
+    assert reference.aux_loss is not None and float(reference.aux_loss.detach()) > 0
+    out = hf(ids, labels=ids)
+    assert torch.equal(out.aux_loss, reference.aux_loss)
+    assert torch.equal(out.loss, reference.loss + reference.aux_loss)  # Trainer.train_step's composition
+    hf.config.include_aux_loss = False
+    assert torch.equal(hf(ids, labels=ids).loss, reference.loss)
+    saved = EngramHFConfig.from_dict(hf.config.to_dict())
+    assert saved.include_aux_loss is False
+
+
 def test_unsupported_inputs_are_refused(compressor):
     hf = EngramForCausalLM.from_engram(_lm(compressor))
     ids = _ids(2, 6)

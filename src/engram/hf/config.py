@@ -48,6 +48,9 @@ class EngramHFConfig(PretrainedConfig):
             when omitted, checked against it when given (a saved config).
         engram_storage: ``StorageConfig.to_dict()`` of the tier the tables were saved from (its
             ``directory`` None: disk tables are saved inside the folder); None: the device tier.
+        include_aux_loss: with ``labels``, add ``EngramLM``'s MoE balance loss (already weighted by
+            ``moe.aux_loss_weight``; there is none when that is 0) to the loss, as engram's ``Trainer``
+            does; the output's ``aux_loss`` holds it either way.
         **kwargs: ``PretrainedConfig``'s own (the standard names below are derived and overwritten).
 
     The standard names transformers reads (``vocab_size``, ``hidden_size``, ``num_hidden_layers``,
@@ -63,6 +66,7 @@ class EngramHFConfig(PretrainedConfig):
         compression: dict[str, Any] | None = None,
         engram_table_sizes: dict[str, list[int]] | None = None,
         engram_storage: dict[str, Any] | None = None,
+        include_aux_loss: bool = True,
         **kwargs: Any,
     ):
         model = None if engram_model is None else ModelConfig.from_dict(dict(engram_model))
@@ -72,6 +76,7 @@ class EngramHFConfig(PretrainedConfig):
         self.engram_model = None if model is None else model.to_dict()
         self.compression = None if compression is None else dict(compression)
         self.engram_table_sizes = None
+        self.include_aux_loss = bool(include_aux_loss)
         # validated now, so that a damaged config.json is refused before any weight is read
         self.engram_storage = None
         if engram_storage is not None:

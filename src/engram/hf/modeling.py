@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors.torch import load_file
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from engram.hf.config import EngramHFConfig, table_sha256
 from engram.hf.tables import (
@@ -55,7 +55,7 @@ from engram.storage.config import StorageConfig
 from engram.storage.placement import place_tables
 
 # transformers 5.2x calls the cache ``cache`` (``past_key_values`` before): use the installed version's name.
-CACHE_ARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+CACHE_ARG = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # from_pretrained arguments that AutoModelForCausalLM passes on and that mean nothing for a local folder (any other
 # argument is refused unless it is None, such as the `adapter_kwargs=None` it also passes).
@@ -217,15 +217,17 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast:
         """Logits over tokenizer ids (and loss) for ``input_ids`` (B, T): tokenizer ids, as ``EngramLM`` reads them.
 
         Args:
             attention_mask: all ones, or omitted (padding is not supported yet).
             labels: (B, T) ids, -100 where there is no target; shifted inside (position t predicts
                 ``labels[:, t+1]``), the loss is ``EngramLM``'s mean cross-entropy (over model ids with
-                a trimmed vocabulary, where a label outside the kept ids is the unknown id 0). The
-                MoE balance loss is not added.
+                a trimmed vocabulary, where a label outside the kept ids is the unknown id 0), plus
+                the MoE balance loss (``aux_loss``) with ``config.include_aux_loss`` (default), as
+                engram's ``Trainer`` adds it. The loss-free balancing bias updates are the Trainer's
+                (after each optimizer step), not the model's.
             cache (or ``past_key_values``): an ``EngramCache`` that ``input_ids`` continue; with
                 ``use_cache=True`` and no cache a new one is started. Decoding is for inference.
             use_cache: return the cache (default False outside ``generate``).
@@ -258,8 +260,11 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             output_hidden_states=bool(output_hidden_states),
         )
         logits = self._tokenizer_logits(out.logits)
-        fields = {"loss": out.loss, "logits": logits, "hidden_states": out.hidden_states, CACHE_ARG: cache}
-        return CausalLMOutputWithPast(**fields)
+        loss = out.loss
+        if loss is not None and out.aux_loss is not None and self.config.include_aux_loss:
+            loss = loss + out.aux_loss  # the composition of engram's Trainer
+        fields = {"loss": loss, "aux_loss": out.aux_loss, "logits": logits, "hidden_states": out.hidden_states}
+        return MoeCausalLMOutputWithPast(**fields, **{CACHE_ARG: cache})
 
     def _tokenizer_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over tokenizer ids, which ``generate`` feeds back and ``EngramLM`` reads.
