@@ -534,3 +534,24 @@ def test_text_generation_pipeline_with_the_saved_tokenizer(compressor, tmp_path,
     assert generator(text, max_new_tokens=8, do_sample=False)[0]["generated_text"].startswith(text)
     _close_disk_tables(generator.model.lm)
     _close_disk_tables(lm)
+
+
+@pytest.mark.slow
+def test_the_demos_models_export_and_generate_through_a_pipeline(tmp_path, monkeypatch):
+    """`engram demo --quick`, then `engram export-hf` of both of its runs (about a minute on 2 cores)."""
+    from transformers import pipeline
+
+    from engram.training.run import load_run
+    from tests.cli_runs import run_engram
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    demo = run_engram("demo", "--quick", "--out", tmp_path / "demo", "--no-progress", cache=tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    text = "To be, or not to be"
+    for name in ("moe", "engram-moe"):
+        exported = run_engram("export-hf", tmp_path / "demo" / name, tmp_path / name, cache=tmp_path)
+        assert exported.returncode == 0, exported.stderr
+        generator = pipeline("text-generation", model=str(tmp_path / name))
+        out = generator(text, max_new_tokens=6, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+        model, _, tokenizer, _ = load_run(tmp_path / "demo" / name, "cpu")
+        assert out == generate(model, torch.tensor([tokenizer.encode(text)]), 6, temperature=0)[0].tolist()
