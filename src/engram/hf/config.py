@@ -109,7 +109,7 @@ class EngramHFConfig(PretrainedConfig):
         return ModelConfig.from_dict(dict(self.engram_model))
 
     @property
-    def storage(self) -> StorageConfig:
+    def saved_storage(self) -> StorageConfig:
         """The ``StorageConfig`` of the tier the tables were saved from (the device tier if none is recorded)."""
         return StorageConfig() if self.engram_storage is None else StorageConfig.from_dict(dict(self.engram_storage))
 

@@ -311,7 +311,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         """
         folder = Path(save_directory)
         self.config.engram_storage = describe_storage(self.lm)
-        if self.config.storage.tier == "disk":
+        if self.config.saved_storage.tier == "disk":
             folder.mkdir(parents=True, exist_ok=True)
             write_disk_tables(self.lm, folder)
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -360,7 +360,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 "(loading from the Hugging Face Hub is not supported yet)"
             )
         config = cls.config_class.from_pretrained(folder) if config is None else config
-        saved = config.storage
+        saved = config.saved_storage
         target = saved if storage is None else storage
         state = _read_weights(folder)
         model = cls(config)  # plain device tables, rows not drawn
