@@ -4,23 +4,29 @@ The wrapper holds the reference decoder as its submodule ``lm`` (no copy of its 
 maps transformers' calling convention onto it:
 
 - ``labels`` (the input ids, -100 where there is no target) are shifted into ``EngramLM``'s next-token
-  ``targets``, so the loss is ``EngramLM``'s own;
+  ``targets``, so the loss is ``EngramLM``'s own, plus its MoE balance loss as engram's ``Trainer``
+  adds it (``config.include_aux_loss``);
 - the decoding cache is ``EngramCache``, a thin holder of ``EngramLM``'s ``DecodeState`` (KV caches, Engram
   convolution states, canonical-id history for incremental hashing). It is not a transformers ``Cache``:
   the model tells ``generate`` that it supplies its own cache (``_supports_default_dynamic_cache`` is
   False, as transformers' stateful models do), the forward pass creates it on the first call with
-  ``use_cache=True`` and ``prepare_inputs_for_generation`` feeds only the ids it has not seen;
+  ``use_cache=True`` and ``prepare_inputs_for_generation`` feeds only the ids it has not seen. Beam
+  search reorders it along the batch (``EngramCache.reorder_cache``);
 - ``save_pretrained`` is transformers' own (safetensors, sharded above ``max_shard_size``); the weights
   include the compression lookup table (buffer ``compression_table``), so loading needs no tokenizer.
-  ``from_pretrained`` is ours: it builds the model plainly, loads every tensor strictly and rebuilds the
-  indexer from the saved table (transformers' loader builds models on the ``meta`` device, which would
-  leave the lazily drawn ``DeviceTable`` rows and the float64 rotary tables to a re-initialisation).
+  Tables stay in their tier (``engram.hf.tables``): device and host rows in the safetensors, disk
+  tables as engram table folders in ``tables/``. ``from_pretrained`` is ours: it builds the model
+  plainly, puts the tables in the tier asked for (``storage=``; default the saved one, disk tables
+  opened read-only in place), loads every other tensor strictly and rebuilds the indexer from the
+  saved table (transformers' loader builds models on the ``meta`` device, which would leave the lazily
+  drawn ``DeviceTable`` rows and the float64 rotary tables to a re-initialisation).
 
 With a trimmed vocabulary (``input_vocab_size``, what ``engram train`` builds) the logits are spread
 over the tokenizer's ids (``_tokenizer_logits``), so that ``generate`` feeds back tokenizer ids.
 
-Not yet: batches with padding (``attention_mask`` with zeros), beam search (the cache cannot be
-reordered), tables in the host or disk tier, loading from the Hub.
+Not yet: batches with padding (``attention_mask`` with zeros; exact results would need the mask in
+``EngramLM``'s attention, Engram hashing and short convolution, so padding is refused rather than
+approximated), tables sharded over several processes, loading from the Hub.
 """
 
 from __future__ import annotations
