@@ -265,10 +265,12 @@ except ImportError as exc:
     assert "refused:" in result.stdout and "pip install 'engram[hf]'" in result.stdout
 
 
-@pytest.mark.parametrize("tier", ["device", "disk"])
-def test_export_hf_command_converts_a_trained_run(tmp_path, monkeypatch, tier):
+def test_export_hf_command_converts_a_trained_run_in_every_tier(tmp_path, monkeypatch):
+    """One run, trained with device tables, exported; then its tables converted to host and to disk, exported again."""
     from transformers import pipeline
 
+    from engram.cli.main import main
+    from engram.training.convert import convert_run_tables
     from engram.training.run import load_run
     from tests.cli_runs import make_workspace, run_engram
 
@@ -277,41 +279,51 @@ def test_export_hf_command_converts_a_trained_run(tmp_path, monkeypatch, tier):
     ws = make_workspace(tmp_path)
     run = tmp_path / "run"
     sets = ["train.steps=3", "train.batch_size=2", "train.seq_len=32", "train.eval_every=3", "train.eval_batches=1"]
-    sets += ["train.checkpoint_every=3", "train.warmup_steps=1", f"storage.tier={tier}"]
+    sets += ["train.checkpoint_every=3", "train.warmup_steps=1"]
     trained = run_engram(
         "train", "--data", ws["data"], "--model", ws["model"], "--out", run, "--tokenizer", ws["tokenizer"],
         "--no-progress", *[a for s in sets for a in ("--set", s)], cache=tmp_path,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
-    out = tmp_path / "hf"
-    exported = run_engram("export-hf", run, out, "--max-shard-size", "200KB", cache=tmp_path)
-    assert exported.returncode == 0, exported.stderr
-    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors.index.json").is_file()
-    assert (out / "tables" / "layer_01" / "weight.table").is_file() == (tier == "disk")
-    again = run_engram("export-hf", run, out, cache=tmp_path)
-    assert again.returncode == 2 and "not an empty folder" in again.stderr
+    text = "Shall I compare thee to a summer's day?"
+    for tier in ("device", "host", "disk"):
+        out = tmp_path / f"hf-{tier}"
+        if tier == "device":  # the command line as a user runs it
+            exported = run_engram("export-hf", run, out, "--max-shard-size", "200KB", cache=tmp_path)
+            assert exported.returncode == 0, exported.stderr
+            again = run_engram("export-hf", run, out, cache=tmp_path)
+            assert again.returncode == 2 and "not an empty folder" in again.stderr
+        else:
+            convert_run_tables(run, StorageConfig(tier=tier))
+            assert main(["export-hf", str(run), str(out), "--max-shard-size", "200KB"]) == 0
+        assert (out / "tokenizer.json").is_file() and (out / "model.safetensors.index.json").is_file()
+        assert (out / "tables" / "layer_01" / "weight.table").is_file() == (tier == "disk")
 
-    model, _, tokenizer, _ = load_run(run, "cpu")  # also proves export-hf let go of a disk run's lock
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(out)
-        assert type(_table(loaded)) is type(model.blocks[1].engram.table)
-        loaded.check_tokenizer(out / "tokenizer.json")  # the exported tokenizer compresses as the saved table
-        with pytest.raises(ValueError, match="not the tokenizer the model was built with"):
-            loaded.check_tokenizer(CompressedTokenizer.from_table(np.arange(1024)))
-        text = "Shall I compare thee to a summer's day?"
-        prompt = torch.tensor([tokenizer.encode(text)])
-        with torch.no_grad():
-            assert torch.equal(loaded(prompt).logits, EngramForCausalLM.from_engram(model)(prompt).logits)
-        reference = generate(model, prompt, 8, temperature=0)
-        assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False), reference)
-        generator = pipeline("text-generation", model=str(out))  # the folder's tokenizer, as saved
-        out_ids = generator(text, max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
-        assert out_ids == reference[0].tolist()
-        _close_disk_tables(loaded.lm)
-        _close_disk_tables(generator.model.lm)
-    finally:
-        if model.run_lock is not None:
-            model.run_lock.release()
+        model, _, tokenizer, _ = load_run(run, "cpu")  # also proves export-hf let go of a disk run's lock
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(out)
+            assert (
+                type(_table(loaded))
+                is type(model.blocks[1].engram.table)
+                is {"device": DeviceTable, "host": HostTable, "disk": DiskTable}[tier]
+            )
+            loaded.check_tokenizer(out / "tokenizer.json")  # the exported tokenizer compresses as the saved table
+            with pytest.raises(ValueError, match="not the tokenizer the model was built with"):
+                loaded.check_tokenizer(CompressedTokenizer.from_table(np.arange(1024)))
+            prompt = torch.tensor([tokenizer.encode(text)])
+            with torch.no_grad():
+                assert torch.equal(loaded(prompt).logits, EngramForCausalLM.from_engram(model)(prompt).logits)
+            reference = generate(model, prompt, 8, temperature=0)
+            assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False), reference)
+            generator = pipeline("text-generation", model=str(out))  # the folder's tokenizer, as saved
+            out_ids = generator(text, max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+            assert out_ids == reference[0].tolist()
+            _close_disk_tables(loaded.lm)
+            _close_disk_tables(generator.model.lm)
+        finally:
+            if model.run_lock is not None:
+                model.run_lock.release()
+            _close_disk_tables(model)
 
 
 # -- tables in the host and disk tiers ------------------------------------------------------------------------
