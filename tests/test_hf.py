@@ -567,3 +567,17 @@ def test_the_demos_models_export_and_generate_through_a_pipeline(tmp_path, monke
         out = generator(text, max_new_tokens=6, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
         model, _, tokenizer, _ = load_run(tmp_path / "demo" / name, "cpu")
         assert out == generate(model, torch.tensor([tokenizer.encode(text)]), 6, temperature=0)[0].tolist()
+
+
+def test_bfloat16_host_tables_keep_their_dtype(compressor, tmp_path):
+    lm = place_tables(_lm(compressor), StorageConfig(tier="host", dtype="bfloat16"))
+    EngramForCausalLM.from_engram(lm).save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["engram_storage"]["dtype"] == "bfloat16"
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        reference = lm(ids).logits
+    for storage in (None, StorageConfig(tier="device")):
+        loaded = EngramForCausalLM.from_pretrained(tmp_path / "saved", storage=storage)
+        assert _table(loaded).dtype == (torch.bfloat16 if storage is None else torch.float32)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, reference)  # bfloat16 rows are exact in float32
