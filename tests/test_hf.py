@@ -581,3 +581,27 @@ def test_bfloat16_host_tables_keep_their_dtype(compressor, tmp_path):
         assert _table(loaded).dtype == (torch.bfloat16 if storage is None else torch.float32)
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, reference)  # bfloat16 rows are exact in float32
+
+
+def test_a_damaged_saved_disk_table_is_refused_not_loaded(compressor, tmp_path):
+    from engram.storage.table_file import DATA_OFFSET
+
+    lm = _placed_lm(compressor, "disk", tmp_path / "run-tables")
+    folder = tmp_path / "saved"
+    EngramForCausalLM.from_engram(lm).save_pretrained(folder)
+    _close_disk_tables(lm)
+    weight_file = folder / "tables" / "layer_01" / "weight.table"
+    with open(weight_file, "r+b") as f:  # one flipped bit in row 0, as a disk error would leave it
+        f.seek(DATA_OFFSET)
+        byte = f.read(1)[0]
+        f.seek(DATA_OFFSET)
+        f.write(bytes([byte ^ 0x10]))
+    with pytest.raises(ValueError, match=r"weight\.table"):  # RowChecksumError names the file and the row
+        EngramForCausalLM.from_pretrained(folder, storage=StorageConfig(tier="device"))
+    with pytest.raises(ValueError, match="not copied"):
+        EngramForCausalLM.from_pretrained(folder, storage=StorageConfig(tier="disk", directory=str(tmp_path / "x")))
+    in_place = EngramForCausalLM.from_pretrained(folder)  # opening reads no row, so it cannot tell yet
+    with pytest.raises(ValueError, match="not saved"):
+        in_place.save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy" / "tables").exists() and not list((tmp_path / "copy").glob(".tables*"))
+    _close_disk_tables(in_place.lm)
