@@ -1,4 +1,8 @@
-"""``engram export-hf``: write a trained run's model as a Hugging Face transformers folder (``engram.hf``)."""
+"""``engram export-hf``: write a trained run's model as a Hugging Face transformers folder (``engram.hf``).
+
+The tables keep the run's tier: device and host tables go into the safetensors, disk tables are copied
+into ``OUT/tables/`` (docs/transformers.md). The run's tokenizer is written as a transformers tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from engram.training.run import load_run
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "export-hf", help="write a trained run's model as a transformers folder (needs the 'hf' extra)"
+        "export-hf",
+        help="write a trained run's model as a transformers folder, tables in the run's tier (needs the 'hf' extra)",
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN", help="run folder written by `engram train`")
     parser.add_argument("out", type=Path, metavar="OUT", help="folder to write; must not exist or be empty")
