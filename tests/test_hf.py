@@ -17,12 +17,16 @@ from torch.nn import functional as F
 pytest.importorskip("transformers", minversion="5.24")
 
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from engram import CompressedTokenizer, EngramIndexer
 from engram.hf import EngramCache, EngramForCausalLM, EngramHFConfig
+from engram.hf.modeling import CACHE_ARG as CACHE_FIELD
 from engram.inference import generate
 from engram.model import EngramLM, ModelConfig
+from engram.storage import DeviceTable, DiskTable, HostTable, StorageConfig, place_tables
+from engram.training.row_optim import RowAdam
 from tests.test_model import BASE, ENGRAM, MOE
 
 # A live convolution (PyTorch's init, not zeros), so that decoding depends on the convolution state.
@@ -206,6 +210,23 @@ def test_loss_with_labels_is_engrams_loss(compressor):
     assert hf.lm.embed.weight.grad is not None
 
 
+def test_loss_adds_the_moe_balance_loss_as_engrams_trainer_does(compressor):
+    config = dataclasses.replace(CONFIG, moe=dataclasses.replace(MOE, aux_loss_weight=0.01))
+    lm = _lm(compressor, config).train()
+    hf = EngramForCausalLM.from_engram(lm)
+    ids = _ids(2, 16)
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    reference = lm(ids, targets=targets)
+    assert reference.aux_loss is not None and float(reference.aux_loss.detach()) > 0
+    out = hf(ids, labels=ids)
+    assert torch.equal(out.aux_loss, reference.aux_loss)
+    assert torch.equal(out.loss, reference.loss + reference.aux_loss)  # Trainer.train_step's composition
+    hf.config.include_aux_loss = False
+    assert torch.equal(hf(ids, labels=ids).loss, reference.loss)
+    saved = EngramHFConfig.from_dict(hf.config.to_dict())
+    assert saved.include_aux_loss is False
+
+
 def test_unsupported_inputs_are_refused(compressor):
     hf = EngramForCausalLM.from_engram(_lm(compressor))
     ids = _ids(2, 6)
@@ -244,11 +265,17 @@ except ImportError as exc:
     assert "refused:" in result.stdout and "pip install 'engram[hf]'" in result.stdout
 
 
-def test_export_hf_command_converts_a_trained_run(tmp_path, monkeypatch):
+def test_export_hf_command_converts_a_trained_run_in_every_tier(tmp_path, monkeypatch):
+    """One run, trained with device tables, exported; then its tables converted to host and to disk, exported again."""
+    from transformers import pipeline
+
+    from engram.cli.main import main
+    from engram.training.convert import convert_run_tables
     from engram.training.run import load_run
     from tests.cli_runs import make_workspace, run_engram
 
     monkeypatch.setenv("ENGRAM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ws = make_workspace(tmp_path)
     run = tmp_path / "run"
     sets = ["train.steps=3", "train.batch_size=2", "train.seq_len=32", "train.eval_every=3", "train.eval_batches=1"]
@@ -258,20 +285,323 @@ def test_export_hf_command_converts_a_trained_run(tmp_path, monkeypatch):
         "--no-progress", *[a for s in sets for a in ("--set", s)], cache=tmp_path,
     )  # fmt: skip
     assert trained.returncode == 0, trained.stderr
-    out = tmp_path / "hf"
-    exported = run_engram("export-hf", run, out, "--max-shard-size", "200KB", cache=tmp_path)
-    assert exported.returncode == 0, exported.stderr
-    assert (out / "tokenizer.json").is_file() and (out / "model.safetensors.index.json").is_file()
-    again = run_engram("export-hf", run, out, cache=tmp_path)
-    assert again.returncode == 2 and "not an empty folder" in again.stderr
+    text = "Shall I compare thee to a summer's day?"
+    for tier in ("device", "host", "disk"):
+        out = tmp_path / f"hf-{tier}"
+        if tier == "device":  # the command line as a user runs it
+            exported = run_engram("export-hf", run, out, "--max-shard-size", "200KB", cache=tmp_path)
+            assert exported.returncode == 0, exported.stderr
+            again = run_engram("export-hf", run, out, cache=tmp_path)
+            assert again.returncode == 2 and "not an empty folder" in again.stderr
+        else:
+            convert_run_tables(run, StorageConfig(tier=tier))
+            assert main(["export-hf", str(run), str(out), "--max-shard-size", "200KB"]) == 0
+        assert (out / "tokenizer.json").is_file() and (out / "model.safetensors.index.json").is_file()
+        assert (out / "tables" / "layer_01" / "weight.table").is_file() == (tier == "disk")
 
-    model, _, tokenizer, _ = load_run(run, "cpu")
-    loaded = AutoModelForCausalLM.from_pretrained(out)
-    loaded.check_tokenizer(out / "tokenizer.json")  # the exported tokenizer compresses as the saved table
-    with pytest.raises(ValueError, match="not the tokenizer the model was built with"):
-        loaded.check_tokenizer(CompressedTokenizer.from_table(np.arange(1024)))
-    prompt = torch.tensor([tokenizer.encode("Shall I compare thee to a summer's day?")])
+        model, _, tokenizer, _ = load_run(run, "cpu")  # also proves export-hf let go of a disk run's lock
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(out)
+            assert (
+                type(_table(loaded))
+                is type(model.blocks[1].engram.table)
+                is {"device": DeviceTable, "host": HostTable, "disk": DiskTable}[tier]
+            )
+            loaded.check_tokenizer(out / "tokenizer.json")  # the exported tokenizer compresses as the saved table
+            with pytest.raises(ValueError, match="not the tokenizer the model was built with"):
+                loaded.check_tokenizer(CompressedTokenizer.from_table(np.arange(1024)))
+            prompt = torch.tensor([tokenizer.encode(text)])
+            with torch.no_grad():
+                assert torch.equal(loaded(prompt).logits, EngramForCausalLM.from_engram(model)(prompt).logits)
+            reference = generate(model, prompt, 8, temperature=0)
+            assert torch.equal(loaded.generate(prompt, max_new_tokens=8, do_sample=False), reference)
+            generator = pipeline("text-generation", model=str(out))  # the folder's tokenizer, as saved
+            out_ids = generator(text, max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+            assert out_ids == reference[0].tolist()
+            _close_disk_tables(loaded.lm)
+            _close_disk_tables(generator.model.lm)
+        finally:
+            if model.run_lock is not None:
+                model.run_lock.release()
+            _close_disk_tables(model)
+
+
+# -- tables in the host and disk tiers ------------------------------------------------------------------------
+
+
+def _placed_lm(compressor, tier: str, directory: Path, config: ModelConfig = CONFIG) -> EngramLM:
+    """``_lm`` with its tables placed in ``tier`` (disk tables under ``directory``)."""
+    lm = _lm(compressor, config)
+    return place_tables(lm, StorageConfig(tier=tier, directory=str(directory)))
+
+
+def _table(model: EngramForCausalLM):
+    return model.lm.blocks[1].engram.table
+
+
+@pytest.mark.parametrize("saved", ["device", "host", "disk"])
+def test_every_tier_round_trips_bit_for_bit_into_every_tier(compressor, tmp_path, saved):
+    lm = _placed_lm(compressor, saved, tmp_path / "run-tables")
+    folder = tmp_path / "saved"
+    EngramForCausalLM.from_engram(lm).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["engram_storage"]["tier"] == saved
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        in_weights = "lm.blocks.1.engram.table.weight" in set(f.keys())
+    assert in_weights == (saved != "disk")  # disk rows are never in the safetensors
+    assert (folder / "tables" / "layer_01" / "weight.table").is_file() == (saved == "disk")
+    ids = _ids(2, 20)
     with torch.no_grad():
-        assert torch.equal(loaded(prompt).logits, EngramForCausalLM.from_engram(model)(prompt).logits)
-    out_ids = loaded.generate(prompt, max_new_tokens=8, do_sample=False)
-    assert torch.equal(out_ids, generate(model, prompt, 8, temperature=0))
+        reference = lm(ids).logits
+
+    kinds = {"device": DeviceTable, "host": HostTable, "disk": DiskTable}
+    targets = {"saved": None, **{t: StorageConfig(tier=t, directory=str(tmp_path / f"to-{t}")) for t in kinds}}
+    for name, storage in targets.items():
+        loaded = AutoModelForCausalLM.from_pretrained(folder, storage=storage)  # passed on to EngramForCausalLM
+        tier = saved if storage is None else storage.tier
+        assert type(_table(loaded)) is kinds[tier], name
+        assert loaded.config.engram_storage["tier"] == tier
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, reference), name
+        if tier == "disk" and storage is not None:  # copied into the new folder, writable, for training
+            assert _table(loaded).directory == tmp_path / "to-disk" / "layer_01" and _table(loaded).writable
+        _close_disk_tables(loaded.lm)
+    _close_disk_tables(lm)
+
+
+def _close_disk_tables(lm: EngramLM) -> None:
+    for layer in lm.engram_layers().values():
+        if isinstance(layer.table, DiskTable):
+            layer.table.close()
+
+
+def _train_step(model: EngramForCausalLM, ids: torch.Tensor) -> None:
+    """One RowAdam step on the Engram tables (what engram's Trainer does for them)."""
+    tables = [layer.table for layer in model.lm.engram_layers().values()]
+    optimizer = RowAdam(tables, lr=0.1)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+
+
+def test_saved_disk_tables_open_read_only_in_place_or_copied_for_training(compressor, tmp_path):
+    lm = _placed_lm(compressor, "disk", tmp_path / "run-tables")
+    folder = tmp_path / "saved"
+    EngramForCausalLM.from_engram(lm).save_pretrained(folder)
+    saved_file = folder / "tables" / "layer_01" / "weight.table"
+    ids = _ids(2, 16)
+    with torch.no_grad():
+        reference = lm(ids).logits
+
+    loaded = EngramForCausalLM.from_pretrained(folder)  # in place: memory-mapped, read-only
+    table = _table(loaded)
+    assert isinstance(table, DiskTable) and table.directory == folder / "tables" / "layer_01"
+    assert not table.writable and "lm.blocks.1.engram.table.weight" not in loaded.state_dict()
+    with pytest.raises(RuntimeError, match="read-only"):
+        _train_step(loaded, ids)  # nothing may change the saved model
+    assert sorted(p.name for p in saved_file.parent.iterdir()) == ["weight.table"]  # no optimizer state written
+    inode = saved_file.stat().st_ino
+    loaded.save_pretrained(folder)  # into its own folder: the tables are already there, kept as they are
+    assert saved_file.stat().st_ino == inode
+    loaded.save_pretrained(tmp_path / "again")  # elsewhere: copied
+    assert (tmp_path / "again" / "tables" / "layer_01" / "weight.table").is_file()
+    _close_disk_tables(loaded.lm)
+
+    storage = StorageConfig(tier="disk", directory=str(tmp_path / "finetune"))
+    tuned = EngramForCausalLM.from_pretrained(folder, storage=storage)
+    assert _table(tuned).directory == tmp_path / "finetune" / "layer_01" and _table(tuned).writable
+    _train_step(tuned, ids)
+    with torch.no_grad():
+        assert not torch.equal(tuned(ids).logits, reference)  # the copy trained
+    with pytest.raises(ValueError, match="already holds a table"):
+        EngramForCausalLM.from_pretrained(folder, storage=storage)
+    _close_disk_tables(tuned.lm)
+    again = EngramForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, reference)  # the saved tables did not change
+    _close_disk_tables(again.lm)
+
+    (folder / "tables" / "layer_01" / "weight.table").unlink()
+    with pytest.raises(FileNotFoundError, match=r"weight\.table is missing"):
+        EngramForCausalLM.from_pretrained(folder)
+    _close_disk_tables(lm)
+
+
+_FRESH_PROCESS_LOAD = """
+import json, sys
+import torch
+from safetensors.torch import load_file, save_file
+from engram.hf import EngramForCausalLM
+
+def memory_kib(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+folder, warm_folder, ids_file, out_file = sys.argv[1:]
+ids = load_file(ids_file)["ids"]
+with torch.no_grad():  # a small model first: what loading and a forward pass cost besides the table
+    EngramForCausalLM.from_pretrained(warm_folder)(ids)
+with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")  # resets the peak (VmHWM) to the resident memory now, so that it measures the loading
+before, anon_before = memory_kib("VmRSS"), memory_kib("RssAnon")
+model = EngramForCausalLM.from_pretrained(folder)
+load_peak = memory_kib("VmHWM") - before
+with torch.no_grad():
+    logits = model(ids).logits
+# Pages of the mapped file that lookups touch count as RssFile (page cache, reclaimable); rows read into
+# memory (a copy) would be RssAnon.
+anon = memory_kib("RssAnon") - anon_before
+table = model.lm.blocks[1].engram.table
+save_file({"logits": logits}, out_file)
+keys = [k for k in model.state_dict() if "engram.table" in k]
+report = {"load_peak_mib": load_peak / 1024, "anon_mib": anon / 1024, "table": type(table).__name__}
+print(json.dumps({**report, "directory": str(table.directory), "writable": table.writable, "table_keys": keys}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures memory through Linux's /proc")
+def test_disk_tables_load_in_a_fresh_process_without_reading_the_rows(compressor, tmp_path):
+    """A ~60 MiB disk table: a new process loads the saved folder, and its peak memory grows by far less."""
+    config = dataclasses.replace(CONFIG, engram=dataclasses.replace(ENGRAM_CONV, engram_vocab_size=[260_000] * 2))
+    lm = _placed_lm(compressor, "disk", tmp_path / "run-tables", config)
+    table_mib = _table(EngramForCausalLM.from_engram(lm)).weight.nbytes / 2**20
+    assert table_mib > 50
+    folder = tmp_path / "saved"
+    EngramForCausalLM.from_engram(lm).save_pretrained(folder)
+    ids = _ids(2, 20)
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    with torch.no_grad():
+        reference = lm(ids).logits
+    _close_disk_tables(lm)
+
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    EngramForCausalLM.from_engram(_lm(compressor)).save_pretrained(tmp_path / "warm")
+    args = [folder, tmp_path / "warm", tmp_path / "ids.safetensors", tmp_path / "logits.safetensors"]
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS_LOAD, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["table"] == "DiskTable" and not report["writable"] and not report["table_keys"]
+    assert Path(report["directory"]) == folder / "tables" / "layer_01"
+    assert report["load_peak_mib"] < table_mib / 4, report  # loading maps the rows, reads none
+    assert report["anon_mib"] < table_mib / 4, report  # looking rows up copies no table into memory
+    assert torch.equal(load_file(str(tmp_path / "logits.safetensors"))["logits"], reference)
+
+
+# -- beam search and pipelines ---------------------------------------------------------------------------------
+
+
+def test_beam_search_with_cache_equals_beam_search_without(compressor):
+    lm = _lm(compressor, dtype=torch.float64)
+    hf = EngramForCausalLM.from_engram(lm)
+    prompt = _ids(2, 5, seed=3)
+    options = dict(max_new_tokens=10, num_beams=3, do_sample=False)
+    cached = hf.generate(prompt, use_cache=True, **options)
+    uncached = hf.generate(prompt, use_cache=False, **options)
+    assert cached.shape == (2, 15)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, hf.generate(prompt, max_new_tokens=10, do_sample=False))  # beams mattered
+
+
+def test_reordered_cache_continues_the_reordered_sequences(compressor):
+    """reorder_cache(beam_idx) leaves the state of the sequences beam_idx picks, as if they had been decoded."""
+    lm = _lm(compressor, dtype=torch.float64)
+    hf = EngramForCausalLM.from_engram(lm)
+    ids = _ids(3, 9)
+    with torch.no_grad():
+        cache = getattr(hf(ids[:, :6], use_cache=True), CACHE_FIELD)
+        beam_idx = torch.tensor([2, 2, 0])
+        cache.reorder_cache(beam_idx)
+        picked = ids[beam_idx]
+        rest = hf(picked[:, 6:], use_cache=True, **{CACHE_FIELD: cache}).logits
+        full = hf(picked).logits
+    torch.testing.assert_close(rest, full[:, 6:], rtol=0, atol=1e-10)
+
+
+def test_text_generation_pipeline_with_the_saved_tokenizer(compressor, tmp_path, monkeypatch):
+    from transformers import pipeline
+
+    from tests.corpus import sonnets_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local folder: nothing to fetch
+    lm = _placed_lm(compressor, "disk", tmp_path / "run-tables")
+    hf = EngramForCausalLM.from_engram(lm)
+    hf.save_pretrained(tmp_path / "saved")
+    hf.save_tokenizer(sonnets_tokenizer(), tmp_path / "saved")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "saved").iterdir()}
+    with pytest.raises(ValueError, match="not the tokenizer the model was built with"):
+        hf.save_tokenizer(CompressedTokenizer.from_table(np.arange(1024)), tmp_path / "other")
+
+    generator = pipeline("text-generation", model=str(tmp_path / "saved"))
+    assert isinstance(_table(generator.model), DiskTable)
+    text = "Shall I compare thee to a summer's day?"
+    out = generator(text, max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    prompt = torch.tensor([compressor.encode(text)])
+    assert out == generate(lm, prompt, 8, temperature=0)[0].tolist()
+    assert generator(text, max_new_tokens=8, do_sample=False)[0]["generated_text"].startswith(text)
+    _close_disk_tables(generator.model.lm)
+    _close_disk_tables(lm)
+
+
+@pytest.mark.slow
+def test_the_demos_models_export_and_generate_through_a_pipeline(tmp_path, monkeypatch):
+    """`engram demo --quick`, then `engram export-hf` of both of its runs (about a minute on 2 cores)."""
+    from transformers import pipeline
+
+    from engram.training.run import load_run
+    from tests.cli_runs import run_engram
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    demo = run_engram("demo", "--quick", "--out", tmp_path / "demo", "--no-progress", cache=tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    text = "To be, or not to be"
+    for name in ("moe", "engram-moe"):
+        exported = run_engram("export-hf", tmp_path / "demo" / name, tmp_path / name, cache=tmp_path)
+        assert exported.returncode == 0, exported.stderr
+        generator = pipeline("text-generation", model=str(tmp_path / name))
+        out = generator(text, max_new_tokens=6, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+        model, _, tokenizer, _ = load_run(tmp_path / "demo" / name, "cpu")
+        assert out == generate(model, torch.tensor([tokenizer.encode(text)]), 6, temperature=0)[0].tolist()
+
+
+def test_bfloat16_host_tables_keep_their_dtype(compressor, tmp_path):
+    lm = place_tables(_lm(compressor), StorageConfig(tier="host", dtype="bfloat16"))
+    EngramForCausalLM.from_engram(lm).save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["engram_storage"]["dtype"] == "bfloat16"
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        reference = lm(ids).logits
+    for storage in (None, StorageConfig(tier="device")):
+        loaded = EngramForCausalLM.from_pretrained(tmp_path / "saved", storage=storage)
+        assert _table(loaded).dtype == (torch.bfloat16 if storage is None else torch.float32)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, reference)  # bfloat16 rows are exact in float32
+
+
+def test_a_damaged_saved_disk_table_is_refused_not_loaded(compressor, tmp_path):
+    from engram.storage.table_file import DATA_OFFSET
+
+    lm = _placed_lm(compressor, "disk", tmp_path / "run-tables")
+    folder = tmp_path / "saved"
+    EngramForCausalLM.from_engram(lm).save_pretrained(folder)
+    _close_disk_tables(lm)
+    weight_file = folder / "tables" / "layer_01" / "weight.table"
+    with open(weight_file, "r+b") as f:  # one flipped bit in row 0, as a disk error would leave it
+        f.seek(DATA_OFFSET)
+        byte = f.read(1)[0]
+        f.seek(DATA_OFFSET)
+        f.write(bytes([byte ^ 0x10]))
+    with pytest.raises(ValueError, match=r"weight\.table"):  # RowChecksumError names the file and the row
+        EngramForCausalLM.from_pretrained(folder, storage=StorageConfig(tier="device"))
+    with pytest.raises(ValueError, match="not copied"):
+        EngramForCausalLM.from_pretrained(folder, storage=StorageConfig(tier="disk", directory=str(tmp_path / "x")))
+    in_place = EngramForCausalLM.from_pretrained(folder)  # opening reads no row, so it cannot tell yet
+    with pytest.raises(ValueError, match="not saved"):
+        in_place.save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy" / "tables").exists() and not list((tmp_path / "copy").glob(".tables*"))
+    _close_disk_tables(in_place.lm)

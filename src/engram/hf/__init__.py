@@ -6,8 +6,11 @@ Importing this module registers ``model_type="engram"`` with ``AutoConfig`` and
 
     from engram.hf import EngramForCausalLM
     hf_model = EngramForCausalLM.from_engram(lm)        # wraps an EngramLM, shares its weights
-    hf_model.save_pretrained("out")                     # config.json + model.safetensors
-    model = AutoModelForCausalLM.from_pretrained("out") # after `import engram.hf`
+    hf_model.save_pretrained("out")                     # config.json + model.safetensors (+ tables/ for disk tables)
+    hf_model.save_tokenizer(tokenizer, "out")           # for AutoTokenizer and pipeline("text-generation")
+    model = AutoModelForCausalLM.from_pretrained("out") # after `import engram.hf` (storage=: another tier)
+
+docs/transformers.md describes the saved folder per table tier and what loading does with it.
 """
 
 from __future__ import annotations

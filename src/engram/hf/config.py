@@ -4,7 +4,8 @@ Everything the hashing needs is in ``config.json``: the ``ModelConfig`` (with it
 ids, n-gram size, heads, seed, base table sizes, pad id, the switches), the prime table sizes derived
 from it (checked on load, so a change of the derivation cannot pass silently) and a description of the
 tokenizer compression (raw and canonical vocabulary sizes, the SHA-256 of the lookup table, which the
-weights file holds, and the tokenizer's fingerprint).
+weights file holds, and the tokenizer's fingerprint). ``engram_storage`` records the tier the tables
+were saved from (``engram.hf.tables``), the default tier of ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import PretrainedConfig
 from engram.indexing.compression import CompressedTokenizer
 from engram.indexing.indexer import engram_head_sizes
 from engram.model.config import ModelConfig
+from engram.storage.config import StorageConfig
 
 
 def table_sha256(lookup_table: np.ndarray) -> str:
@@ -44,6 +46,11 @@ class EngramHFConfig(PretrainedConfig):
             without Engram layers.
         engram_table_sizes: ``{layer: [rows of each head's table]}``; derived from ``engram_model``
             when omitted, checked against it when given (a saved config).
+        engram_storage: ``StorageConfig.to_dict()`` of the tier the tables were saved from (its
+            ``directory`` None: disk tables are saved inside the folder); None: the device tier.
+        include_aux_loss: with ``labels``, add ``EngramLM``'s MoE balance loss (already weighted by
+            ``moe.aux_loss_weight``; there is none when that is 0) to the loss, as engram's ``Trainer``
+            does; the output's ``aux_loss`` holds it either way.
         **kwargs: ``PretrainedConfig``'s own (the standard names below are derived and overwritten).
 
     The standard names transformers reads (``vocab_size``, ``hidden_size``, ``num_hidden_layers``,
@@ -58,6 +65,8 @@ class EngramHFConfig(PretrainedConfig):
         engram_model: dict[str, Any] | None = None,
         compression: dict[str, Any] | None = None,
         engram_table_sizes: dict[str, list[int]] | None = None,
+        engram_storage: dict[str, Any] | None = None,
+        include_aux_loss: bool = True,
         **kwargs: Any,
     ):
         model = None if engram_model is None else ModelConfig.from_dict(dict(engram_model))
@@ -67,6 +76,11 @@ class EngramHFConfig(PretrainedConfig):
         self.engram_model = None if model is None else model.to_dict()
         self.compression = None if compression is None else dict(compression)
         self.engram_table_sizes = None
+        self.include_aux_loss = bool(include_aux_loss)
+        # validated now, so that a damaged config.json is refused before any weight is read
+        self.engram_storage = None
+        if engram_storage is not None:
+            self.engram_storage = StorageConfig.from_dict(dict(engram_storage)).to_dict()
         if model is None:
             return
         self.vocab_size = model.input_vocab_size or model.vocab_size  # the logits are over tokenizer ids
@@ -93,6 +107,11 @@ class EngramHFConfig(PretrainedConfig):
         if self.engram_model is None:
             raise ValueError("this EngramHFConfig holds no model (engram_model is None)")
         return ModelConfig.from_dict(dict(self.engram_model))
+
+    @property
+    def saved_storage(self) -> StorageConfig:
+        """The ``StorageConfig`` of the tier the tables were saved from (the device tier if none is recorded)."""
+        return StorageConfig() if self.engram_storage is None else StorageConfig.from_dict(dict(self.engram_storage))
 
     @classmethod
     def from_engram(cls, config: ModelConfig, compressor: CompressedTokenizer | None = None) -> EngramHFConfig:

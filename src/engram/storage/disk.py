@@ -144,6 +144,11 @@ class DiskTable(OffloadedTable, Durable):
         return tensor
 
     def _new_row_state(self, name: str, row_shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if not self.writable:  # a state file would be written into a folder opened for reading only
+            raise RuntimeError(
+                f"the table at {self.directory} was opened read-only (writable=False) and takes no optimizer state; "
+                "train a writable copy"
+            )
         if self._journal is not None and self._journal.pending_rows:
             raise RuntimeError(f"cannot add row state {name!r} to {self.directory} between checkpoints")
         if self._buffer is not None:  # rebuilt over the new set of arrays
