@@ -190,8 +190,9 @@ def _train(model: nn.Module, steps: int = 12) -> None:
     windows = torch.from_numpy(train[: 16 * 32].astype("int64")).view(16, 32)
     data = [{"input_ids": w, "labels": w} for w in windows]
     args = TrainingArguments(
-        output_dir=None, max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3, lr_scheduler_type="constant",
-        report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=0,
+        output_dir=None, max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
+        lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, seed=0,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(RetrofitOptimizer.for_model(model), None))
     trainer.train()

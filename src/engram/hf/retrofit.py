@@ -57,9 +57,9 @@ from engram.hf.config import describe_compression, table_sha256
 from engram.indexing.compression import CompressedTokenizer
 from engram.indexing.indexer import EngramIndexer, engram_head_sizes
 from engram.memory.layer import Engram
+from engram.storage.config import StorageConfig
 from engram.storage.device import DeviceTable
 from engram.storage.placement import place_tables
-from engram.storage.config import StorageConfig
 from engram.training.row_optim import RowAdam
 
 # model_type -> (attribute of the backbone under the causal LM, attribute of its decoder layer list)
@@ -149,7 +149,8 @@ class EngramRetrofit(nn.Module):
         input_ids = bound.get("input_ids")
         if input_ids is None:
             raise ValueError(
-                "a retrofitted Engram model reads input_ids (Engram hashes token ids): pass input_ids, not inputs_embeds"
+                "a retrofitted Engram model reads input_ids (Engram hashes token ids): "
+                "pass input_ids, not inputs_embeds"
             )
         mask = bound.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all()):
@@ -521,7 +522,7 @@ def load_retrofitted(folder: str | Path, **kwargs: Any) -> nn.Module:
     tensors: dict[str, torch.Tensor] = {}
     for path in _weight_files(folder):
         with safe_open(str(path), "pt") as f:
-            tensors.update({k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
+            tensors.update({k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})  # noqa: SIM118
     if "compression_table" not in tensors:
         raise ValueError(f"{folder}: no engram.compression_table in the weights")
     table = tensors["compression_table"].numpy()
