@@ -304,3 +304,26 @@ def test_a_saved_model_loads_in_a_fresh_process(hf_tokenizer, tmp_path):
     )  # fmt: skip
     with torch.no_grad():
         assert torch.equal(load_file(str(out))["logits"], model(ids).logits)
+
+
+def test_readme_snippet_runs(hf_tokenizer, tmp_path, monkeypatch):
+    """The README's retrofit snippet, with a tiny Qwen3 and the sonnets tokenizer standing in for the hub's."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("<!-- retrofit-snippet -->\n```python\n")[1].split("```")[0]
+    substitutions = {
+        'AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-0.6B")': '_model("qwen3")',
+        'AutoTokenizer.from_pretrained("Qwen/Qwen3-0.6B")': "hf_tokenizer",
+        "n_embed_per_ngram=256, engram_vocab_size=[100_000, 100_000]": "**SMALL",
+        "max_steps=100": "max_steps=3",
+    }
+    for old, new in substitutions.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    ids = _ids(8, 16)
+    namespace = {"_model": _model, "hf_tokenizer": hf_tokenizer, "SMALL": SMALL, "prompt_ids": ids[:1, :5],
+                 "train_data": [{"input_ids": x, "labels": x} for x in ids]}  # fmt: skip
+    exec(compile(code, "README.md", "exec"), namespace)
+    model, out = namespace["model"], namespace["out"]
+    assert out.shape == (1, 25) and sorted(model.engram.layers) == ["1"]
+    assert (tmp_path / "runs/retrofit/final/config.json").is_file()
