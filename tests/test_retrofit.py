@@ -251,6 +251,14 @@ def test_optimizer_state_round_trip(hf_tokenizer):
     for name, value in state["row_state"][0].items():
         assert torch.equal(restored[name], value), name
     assert again.rows.param_groups[0] is again.param_groups[-1]
+    # The newest optimizer of the model takes the tables' gradients (the first one's hook is gone).
+    table = model.engram.layers["1"].table
+    rows = table.weight.detach().clone()
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()  # has no table gradient any more: the rows stay
+    assert torch.equal(table.weight, rows)
+    again.step()
+    assert not torch.equal(table.weight, rows)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gpt2"])

@@ -420,7 +420,11 @@ class RetrofitOptimizer(torch.optim.AdamW):
         self._pending: dict[int, torch.Tensor] = {}
         self._tables = tables
         for table in tables:
-            table.weight.register_post_accumulate_grad_hook(self._take_table_grad)
+            # The newest optimizer of a table takes its gradients: a hook left by an earlier one would starve it.
+            previous = getattr(table, "_retrofit_grad_hook", None)
+            if previous is not None:
+                previous.remove()
+            table._retrofit_grad_hook = table.weight.register_post_accumulate_grad_hook(self._take_table_grad)
 
     @classmethod
     def for_model(
@@ -441,6 +445,8 @@ class RetrofitOptimizer(torch.optim.AdamW):
 
     def _take_table_grad(self, parameter: torch.Tensor) -> None:
         grad, parameter.grad = parameter.grad, None
+        if grad is None:
+            return
         key = id(parameter)
         self._pending[key] = grad if key not in self._pending else self._pending[key] + grad
 
