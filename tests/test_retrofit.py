@@ -261,12 +261,16 @@ def test_optimizer_state_round_trip(hf_tokenizer):
     assert not torch.equal(table.weight, rows)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
-def test_save_and_load_bit_for_bit(family, hf_tokenizer, tmp_path):
-    model = retrofit(_model(family), hf_tokenizer, layers=[1], **SMALL)
+@pytest.mark.parametrize(
+    ("family", "dtype", "shard"), [("qwen3", torch.float32, None), ("gpt2", torch.bfloat16, "50KB")]
+)
+def test_save_and_load_bit_for_bit(family, dtype, shard, hf_tokenizer, tmp_path):
+    model = retrofit(_model(family).to(dtype), hf_tokenizer, layers=[1], **SMALL)
     _wake(model)
-    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, **({} if shard is None else {"max_shard_size": shard}))
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (shard is not None)
     loaded = load_retrofitted(tmp_path)
+    assert loaded.dtype == dtype and loaded.engram.layers["1"].table.weight.dtype == dtype
     assert type(loaded) is type(model) and not loaded.training
     ids = _ids(2, 16)
     with torch.no_grad():
