@@ -192,7 +192,7 @@ def _train(model: nn.Module, steps: int = 12) -> None:
     args = TrainingArguments(
         output_dir=None, max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
         lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, seed=0,
+        disable_tqdm=True, seed=0, gradient_accumulation_steps=2,
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(RetrofitOptimizer.for_model(model), None))
     trainer.train()
@@ -339,3 +339,21 @@ def test_readme_snippet_runs(hf_tokenizer, tmp_path, monkeypatch):
     model, out = namespace["model"], namespace["out"]
     assert out.shape == (1, 25) and sorted(model.engram.layers) == ["1"]
     assert (tmp_path / "runs/retrofit/final/config.json").is_file()
+
+
+def test_table_gradients_accumulate_over_backward_calls(hf_tokenizer):
+    """Two backward passes before a step hand RowAdam the sum of both table gradients (gradient accumulation)."""
+    model = retrofit(_model("llama"), hf_tokenizer, layers=[1], freeze_backbone=True, **SMALL).train()
+    _wake(model)
+    optimizer = RetrofitOptimizer.for_model(model)
+    weight = model.engram.layers["1"].table.weight
+    a, b = _ids(2, 16, seed=1), _ids(2, 16, seed=2)
+    model(a, labels=a).loss.backward()
+    model(b, labels=b).loss.backward()
+    assert weight.grad is None  # off the parameter, so clip_grad_norm_ over model.parameters() works
+    accumulated = optimizer._pending[id(weight)].coalesce().to_dense()
+    optimizer.zero_grad()
+    assert not optimizer._pending
+    (model(a, labels=a).loss + model(b, labels=b).loss).backward()
+    torch.testing.assert_close(accumulated, optimizer._pending[id(weight)].coalesce().to_dense())
+    assert torch.count_nonzero(accumulated) > 0
