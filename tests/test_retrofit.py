@@ -178,6 +178,11 @@ def test_refusals(hf_tokenizer):
     padded[0, :2] = 0
     with pytest.raises(ValueError, match="does not support padding"):
         model(ids, attention_mask=padded)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+        model.train()(ids, labels=ids)
+    model.gradient_checkpointing_disable()
+    model.eval()
     with pytest.raises(ValueError, match="the cache holds"):  # a cache cropped behind Engram's back
         out = model(ids, use_cache=True)
         out.past_key_values.crop(-4)

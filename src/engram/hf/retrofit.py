@@ -144,6 +144,12 @@ class EngramRetrofit(nn.Module):
 
     def _before_backbone(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Hash the new ids of this forward pass for every Engram layer, continuing the cache's sequences."""
+        if module.training and getattr(module, "gradient_checkpointing", False):
+            # Recomputing a layer in backward would run its Engram hook after this pass's hash ids are gone.
+            raise ValueError(
+                "a retrofitted Engram model does not support gradient checkpointing yet: "
+                "call model.gradient_checkpointing_disable()"
+            )
         bound = self._signature.bind_partial(*args, **kwargs).arguments
         extra = bound.get("kwargs", {})
         input_ids = bound.get("input_ids")
