@@ -362,3 +362,25 @@ def test_table_gradients_accumulate_over_backward_calls(hf_tokenizer):
     (model(a, labels=a).loss + model(b, labels=b).loss).backward()
     torch.testing.assert_close(accumulated, optimizer._pending[id(weight)].coalesce().to_dense())
     assert torch.count_nonzero(accumulated) > 0
+
+
+@pytest.mark.slow
+def test_the_measured_example_runs_quick(tmp_path):
+    """examples/retrofit_llama.py --quick: every arm trains and is recorded (docs/retrofit.md has the full run)."""
+    import json
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(root / "examples/retrofit_llama.py"), "--quick", "--out", str(tmp_path)],
+        check=True, env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}, capture_output=True,
+        timeout=600,
+    )  # fmt: skip
+    result = json.loads((tmp_path / "results.json").read_text())
+    arms = {r["arm"]: r for r in result["runs"]}
+    assert set(arms) == {"continue", "engram-frozen", "engram-frozen-lr3x", "engram-all"}
+    start = result["pretrain"]["val"]["loss"]
+    assert arms["continue"]["val"]["loss"] < start  # training moves the unfrozen model
+    frozen = arms["engram-frozen"]
+    assert frozen["trainable_params"] == frozen["table_params"] + frozen["engram_dense_params"]
+    assert arms["continue"]["table_params"] == 0 and arms["engram-all"]["trainable_params"] == frozen["total_params"]
