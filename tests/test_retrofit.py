@@ -189,18 +189,31 @@ def test_refusals(hf_tokenizer):
         model(ids[:, :1], cache=out.past_key_values)
 
 
-def _train(model: nn.Module, steps: int = 12) -> None:
-    """A few real transformers.Trainer steps on sonnet windows, with its default gradient clipping (1.0)."""
+def _train(model: nn.Module, steps: int = 12, out: Path | None = None, resume: str | None = None) -> None:
+    """A few real transformers.Trainer steps on sonnet windows, with its default gradient clipping (1.0).
+
+    With ``out`` the Trainer saves a checkpoint every 4 steps there; ``resume`` continues from one.
+    """
     train, _ = sonnets_tokens()
     windows = torch.from_numpy(train[: 16 * 32].astype("int64")).view(16, 32)
     data = [{"input_ids": w, "labels": w} for w in windows]
     args = TrainingArguments(
-        output_dir=None, max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
-        lr_scheduler_type="constant", report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, seed=0, gradient_accumulation_steps=2,
-    )  # fmt: skip
+        output_dir=None if out is None else str(out),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no" if out is None else "steps",
+        save_steps=4,
+        logging_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(RetrofitOptimizer.for_model(model), None))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
 
 
 def _window_loss(model: nn.Module) -> float:
@@ -384,3 +397,13 @@ def test_the_measured_example_runs_quick(tmp_path):
     frozen = arms["engram-frozen"]
     assert frozen["trainable_params"] == frozen["table_params"] + frozen["engram_dense_params"]
     assert arms["continue"]["table_params"] == 0 and arms["engram-all"]["trainable_params"] == frozen["total_params"]
+
+
+def test_trainer_resumes_from_its_checkpoint_exactly(hf_tokenizer, tmp_path):
+    """Trainer checkpoints (weights, AdamW and the tables' RowAdam state) resume to the same weights bit for bit."""
+    straight = retrofit(_model("llama"), hf_tokenizer, layers=[1], freeze_backbone=True, **SMALL)
+    _train(straight, steps=8, out=tmp_path)
+    resumed = retrofit(_model("llama", seed=5), hf_tokenizer, layers=[1], freeze_backbone=True, **SMALL)
+    _train(resumed, steps=8, out=tmp_path / "again", resume=str(tmp_path / "checkpoint-4"))
+    state = resumed.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in straight.state_dict().items())
