@@ -407,3 +407,15 @@ def test_trainer_resumes_from_its_checkpoint_exactly(hf_tokenizer, tmp_path):
     _train(resumed, steps=8, out=tmp_path / "again", resume=str(tmp_path / "checkpoint-4"))
     state = resumed.state_dict()
     assert all(torch.equal(state[k], v) for k, v in straight.state_dict().items())
+
+
+def test_ids_beyond_the_tokenizer_get_canonical_ids_of_their_own(hf_tokenizer):
+    """GPT-2 here has 1030 embedding rows for the tokenizer's 1024 ids: the 6 extra ids can be hashed too."""
+    model = retrofit(_model("gpt2"), hf_tokenizer, layers=[1], **SMALL)
+    table = model.engram.compression_table
+    compressor = CompressedTokenizer(sonnets_tokenizer(), cache_dir=False)
+    assert table.shape == (1030,) and torch.equal(table[:1024], torch.from_numpy(compressor.lookup_table))
+    assert table[1024:].tolist() == list(range(len(compressor), len(compressor) + 6))
+    ids = torch.tensor([[5, 1029, 1027, 7]])
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, 4, 1030)

@@ -13,7 +13,7 @@ class), with the tokenizer compression built from the model's own tokenizer:
   ``input_ids`` once per forward pass, compresses and hashes them for every Engram layer
   (``EngramIndexer.hash_step``). ``inputs_embeds`` without ``input_ids`` is refused (Engram hashes
   ids), and so is an ``attention_mask`` with zeros (padding would enter the n-grams and the
-  convolution).
+  convolution), and gradient checkpointing (a layer recomputed in backward would miss its hash ids).
 - **Unchanged outputs at insertion**: the value projection W_V, b_V starts at zero. Then v = 0, the
   gated value v~ = alpha * v = 0, RMSNorm(0) = 0, Conv1D(0) = 0 and SiLU(0) = 0, so
   Y = v~ + SiLU(Conv1D(RMSNorm(v~))) is exactly 0 and h + Y == h bit for bit: the retrofitted model's
