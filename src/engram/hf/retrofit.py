@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,18 +230,20 @@ class EngramRetrofit(nn.Module):
         self._handles.clear()
 
 
+def _reorder_with_engram(cache: Any, beam_idx: torch.Tensor) -> Any:
+    """The cache class's own ``reorder_cache``, then the same reordering of Engram's state on that cache."""
+    result = type(cache).reorder_cache(cache, beam_idx)
+    getattr(cache, _STATE_ATTR).reorder(beam_idx)
+    return result
+
+
 def _follow_reordering(cache: Any, state: _DecodeState) -> None:
-    """Make ``cache.reorder_cache`` (beam search) reorder Engram's state too (on this cache object only)."""
-    original = getattr(cache, "reorder_cache", None)
-    if original is None:
-        return
+    """Make ``cache.reorder_cache`` (beam search) reorder Engram's state too (on this cache object only).
 
-    def reorder_cache(beam_idx: torch.Tensor) -> Any:
-        result = original(beam_idx)
-        state.reorder(beam_idx)
-        return result
-
-    cache.reorder_cache = reorder_cache
+    A method bound to the cache, not a closure: a deep copy of the cache then reorders its own state.
+    """
+    if hasattr(type(cache), "reorder_cache"):
+        cache.reorder_cache = types.MethodType(_reorder_with_engram, cache)
 
 
 # -- retrofit -----------------------------------------------------------------------------------
