@@ -11,6 +11,9 @@ Importing this module registers ``model_type="engram"`` with ``AutoConfig`` and
     model = AutoModelForCausalLM.from_pretrained("out") # after `import engram.hf` (storage=: another tier)
 
 docs/transformers.md describes the saved folder per table tier and what loading does with it.
+
+``retrofit(model, tokenizer, layers=[...])`` adds Engram to an existing transformers Llama, Qwen2, Qwen3
+or GPT-2 model instead (``engram.hf.retrofit``; ``load_retrofitted`` reads it back).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ except ImportError as exc:
 
 from engram.hf.config import EngramHFConfig, describe_compression
 from engram.hf.modeling import EngramCache, EngramForCausalLM
+from engram.hf.retrofit import RetrofitOptimizer, load_retrofitted, retrofit
 
 
 def register() -> None:
@@ -36,4 +40,13 @@ def register() -> None:
 
 register()
 
-__all__ = ["EngramCache", "EngramForCausalLM", "EngramHFConfig", "describe_compression", "register"]
+__all__ = [
+    "EngramCache",
+    "EngramForCausalLM",
+    "EngramHFConfig",
+    "RetrofitOptimizer",
+    "describe_compression",
+    "load_retrofitted",
+    "register",
+    "retrofit",
+]
