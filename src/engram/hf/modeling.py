@@ -412,16 +412,23 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         return model.eval()
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's safetensors file, or of the shards its index names."""
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files ``save_pretrained`` wrote to ``folder``: ``model.safetensors`` or the indexed shards.
+
+    Raises:
+        OSError: the folder has neither.
+    """
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise OSError(f"no model.safetensors (or model.safetensors.index.json) in {folder}")
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise OSError(f"no model.safetensors (or model.safetensors.index.json) in {folder}")
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's safetensors file, or of the shards its index names."""
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        state.update(load_file(str(folder / name)))
+    for path in weight_files(folder):
+        state.update(load_file(str(path)))
     return state

@@ -42,7 +42,6 @@ class), with the tokenizer compression built from the model's own tokenizer:
 from __future__ import annotations
 
 import inspect
-import json
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +54,7 @@ from torch import nn
 
 from engram.config import EngramConfig
 from engram.hf.config import describe_compression, table_sha256
+from engram.hf.modeling import weight_files
 from engram.indexing.compression import CompressedTokenizer
 from engram.indexing.indexer import EngramIndexer, engram_head_sizes
 from engram.memory.layer import Engram
@@ -490,15 +490,6 @@ class RetrofitOptimizer(torch.optim.AdamW):
 
 
 # -- loading ------------------------------------------------------------------------------------
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    raise OSError(f"no model.safetensors (or model.safetensors.index.json) in {folder}")
-
-
 def load_retrofitted(folder: str | Path, **kwargs: Any) -> nn.Module:
     """A retrofitted model that ``save_pretrained`` wrote to ``folder``, equal to the saved one bit for bit.
 
@@ -535,7 +526,7 @@ def load_retrofitted(folder: str | Path, **kwargs: Any) -> nn.Module:
         )
     prefix = "engram."
     tensors: dict[str, torch.Tensor] = {}
-    for path in _weight_files(folder):
+    for path in weight_files(folder):
         with safe_open(str(path), "pt") as f:
             tensors.update({k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})  # noqa: SIM118
     if "compression_table" not in tensors:
