@@ -66,6 +66,11 @@ pick_python() {
         if [[ ! -x .venv-gpu/bin/python ]]; then
             log "creating .venv-gpu (python3 -m venv --system-site-packages: the machine's own torch)"
             python3 -m venv --system-site-packages .venv-gpu
+            # python3 may itself be a virtual environment, whose packages --system-site-packages does not
+            # reach: a .pth file puts its site-packages folders on the new environment's path as well.
+            local site
+            site="$(.venv-gpu/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+            python3 -c 'import site; print("\n".join(site.getsitepackages()))' >"$site/_machine_packages.pth"
         fi
         echo "$REPO/.venv-gpu/bin/python"
     fi

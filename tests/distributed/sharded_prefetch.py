@@ -133,9 +133,7 @@ def main() -> None:
     for name, prefetch in (("on", True), ("off", False)):
         model = build(prefetch)
         assert all(table.prefetch_enabled == prefetch for table in model.engram_tables())
-        saved |= {
-            f"{name}/{key}": value.contiguous() for key, value in run(model, [rank_parts(world)[rank]]).items()
-        }
+        saved |= {f"{name}/{key}": value.contiguous() for key, value in run(model, [rank_parts(world)[rank]]).items()}
     saved |= refusals(build(True))
     save_file(saved, str(out_dir / f"rank{rank}.safetensors"))
     dist.destroy_process_group()
