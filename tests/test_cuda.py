@@ -8,7 +8,9 @@ skip then.
 Tolerances, where a comparison is not exact:
 
 - the Engram layer in float64: 1e-10 (CUDA and CPU kernels sum in other orders; float64 rounding is
-  ~1e-16 per operation); in float32: rtol 1e-5, atol 1e-6 (outputs and gradients are O(1)).
+  ~1e-16 per operation); in float32: rtol 1e-4, atol 1e-5 (a weight gradient sums ~100 terms of
+  up to ~10, whose float32 rounding is ~6e-8 each; an element that cancels to near zero keeps
+  their absolute error).
 - the tiers after training steps: a device table's row gradient is summed by ``coalesce`` of the
   sparse embedding gradient, an off-device table's by ``index_put`` with accumulation (atomics on
   CUDA), in other orders: rows and Adam state agree to rtol 1e-5, atol 1e-6, logits to 1e-5.
@@ -98,7 +100,7 @@ def test_the_indexer_on_the_device_equals_the_cpu(compressor):
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, dict(rtol=1e-10, atol=1e-10)),
-                                                  (torch.float32, dict(rtol=1e-5, atol=1e-6))])  # fmt: skip
+                                                  (torch.float32, dict(rtol=1e-4, atol=1e-5))])  # fmt: skip
 @pytest.mark.parametrize("branches", [1, 4])
 def test_layer_forward_and_backward_on_the_device_equal_the_cpu(dtype, tolerance, branches):
     cpu_layer = _layer(branches).to(dtype)
