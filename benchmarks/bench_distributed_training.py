@@ -9,12 +9,16 @@ rows and a full replica of the dense weights (DDP). Each process runs one torch 
 Reported per job, from the run's ``metrics.jsonl`` (rank 0), medians over the log windows after the
 first (which holds start-up): tokens/s of the whole job, and ``table_exchange_share``, the share of
 rank 0's wall time spent in the table's all-to-all exchanges (waiting for slower ranks included).
-DDP's gradient all-reduce overlaps the backward pass and is not separated out.
+DDP's gradient all-reduce overlaps the backward pass and is not separated out. ``--prefetch both``
+runs every process count twice: sharded lookups prefetched at forward start (``storage.prefetch=true``,
+the default: the rows exchange overlaps the layers in front of the Engram layer) and exchanged in
+the layer (``false``); a single process has no exchange, so it runs once.
 
 Run from the repository root::
 
     python benchmarks/bench_distributed_training.py --markdown
     python benchmarks/bench_distributed_training.py --small   # a dry run, under a minute
+    python benchmarks/bench_distributed_training.py --procs 2 --prefetch both --markdown
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ def model_config(small: bool) -> ModelConfig:
     return ModelConfig.from_dict({**config.to_dict(), "engram": engram.to_dict()})
 
 
-def train(workdir: Path, nproc: int, args: argparse.Namespace) -> list[dict]:
-    """One `engram train` job on ``nproc`` processes; its metrics records."""
-    run = workdir / f"run{nproc}"
+def train(workdir: Path, nproc: int, prefetch: bool, args: argparse.Namespace) -> list[dict]:
+    """One `engram train` job on ``nproc`` processes, sharded lookups prefetched or not; its metrics records."""
+    run = workdir / f"run{nproc}-{'prefetch' if prefetch else 'in-layer'}"
     sets = {
         "train.steps": args.steps,
         "train.batch_size": args.batch,
@@ -60,6 +64,7 @@ def train(workdir: Path, nproc: int, args: argparse.Namespace) -> list[dict]:
         "train.threads": 1,
         "train.device": "cpu",
         "storage.tier": args.tier,
+        "storage.prefetch": str(prefetch).lower(),
     }
     command = ["-m", "engram", "train", "--data", str(workdir / "data"), "--model", str(workdir / "model.json")]
     command += ["--out", str(run), "--no-progress", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
@@ -85,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences per step, over all processes")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--tier", default="host", choices=["device", "host", "disk"])
+    parser.add_argument("--prefetch", default="on", choices=["on", "off", "both"], help="storage.prefetch (default on)")
     parser.add_argument("--small", action="store_true", help="a tiny model and few steps (dry run)")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
@@ -103,7 +109,9 @@ def main() -> None:
             cwd=REPO,
             stdout=subprocess.DEVNULL,
         )
-        results = {n: summary(train(workdir, n, args)) for n in procs}
+        settings = {"on": [True], "off": [False], "both": [True, False]}[args.prefetch]
+        jobs = [(n, prefetch) for n in procs for prefetch in (settings if n > 1 else settings[:1])]
+        results = {(n, prefetch): summary(train(workdir, n, prefetch, args)) for n, prefetch in jobs}
 
     engram = config.engram
     facts = [
@@ -118,17 +126,18 @@ def main() -> None:
         ("table", f"{engram.n_heads} heads, base sizes {engram.engram_vocab_size}, {engram.head_dim} floats a row")
     )
     print("\n".join(environment_lines(facts, args.markdown)))
-    base = results[procs[0]][0]
-    header = ["processes", "tokens/s", f"vs {procs[0]} proc", "ms/step", "table exchange share (rank 0)"]
+    base = next(iter(results.values()))[0]
+    header = ["processes", "prefetch", "tokens/s", f"vs {procs[0]} proc", "ms/step", "table exchange share (rank 0)"]
     body = [
         [
             str(n),
+            ("on" if prefetch else "off") if n > 1 else "-",
             f"{speed:,.0f}",
             f"{speed / base:.2f}x",
             f"{1000 * args.batch * args.seq_len / speed:,.0f}",
             "-" if share is None else f"{share:.0%}",
         ]
-        for n, (speed, share) in results.items()
+        for (n, prefetch), (speed, share) in results.items()
     ]
     print("\n".join(format_table(header, body, args.markdown)))
 

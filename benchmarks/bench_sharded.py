@@ -12,7 +12,7 @@ with DeepSeek-V3's tokenizer, compressed and hashed by ``EngramIndexer`` (the wo
 end-of-sentence id, at which n-gram windows restart), once in this process for every step; the
 processes load them, so hashing is not part of the timed steps.
 
-Two phases per job, each ``--warmup`` untimed then ``--steps`` timed steps, every step started on
+Three phases per job, each ``--warmup`` untimed then ``--steps`` timed steps, every step started on
 all processes together by a barrier (``_sharded_worker.py``):
 
 1. Lookup: ``table(indices)`` in eval mode under ``torch.no_grad()``: dedup, owner exchange of ids
@@ -20,6 +20,15 @@ all processes together by a barrier (``_sharded_worker.py``):
 2. Training step: the lookup in train mode, backward of ``(rows * w).sum() / tokens`` (``w`` fixed
    random weights), ``RowAdam.step()``: every row's gradient goes to its owner, which updates its
    shard and the Adam state there.
+
+3. Lookup behind compute: the lookup (eval, no grad) after a fixed dense computation standing for
+   the layers in front of the Engram layer (``--front-matmuls`` products of this process's
+   (tokens, ``--front-dim``) activations by a square matrix, then tanh), with the rows exchange
+   prefetched before the computation (``ShardedTable.prefetch``, as ``EngramLM.forward`` does at
+   its start) and exchanged after it in the layer; both on every batch, the order flipping every
+   batch, each step from a common barrier. Reported: the step time of each (slowest process,
+   median), their paired ratio (median over batches), and the processes' share of step time
+   inside the exchange calls or waiting for a prefetched exchange.
 
 Reported per job: the step time (the slowest process's, median over steps), tokens/s of the whole
 job (global tokens / step time), and the communication share: the processes' seconds inside the
@@ -194,12 +203,39 @@ class PhaseResult:
 
 
 @dataclass
+class OverlapResult:
+    """Lookup behind compute, prefetch on and off: medians over the timed batches."""
+
+    on_ms: float
+    off_ms: float
+    on_vs_off: float  # median of per-batch ratios: the two ran back to back
+    on_comm_share: float
+    off_comm_share: float
+
+
+@dataclass
 class JobResult:
     processes: int
     distinct_rows: float  # per step, summed over processes
     remote_share: float  # of those, the share other processes own
     lookup: PhaseResult
     training: PhaseResult
+    overlap: OverlapResult
+
+
+def overlap_result(ranks: list[dict]) -> OverlapResult:
+    """The slowest rank's seconds per batch with prefetch on and off, their paired ratio, the comm shares."""
+    per_mode = {}
+    for mode in ("on", "off"):
+        steps = list(zip(*(rank["overlap"][mode] for rank in ranks), strict=True))
+        seconds = [max(r["seconds"] for r in step) for step in steps]
+        share = statistics.median(
+            sum(r["comm_seconds"] for r in step) / sum(r["seconds"] for r in step) for step in steps
+        )
+        per_mode[mode] = (seconds, share)
+    (on, on_share), (off, off_share) = per_mode["on"], per_mode["off"]
+    paired = statistics.median(a / b for a, b in zip(on, off, strict=True))
+    return OverlapResult(statistics.median(on) * 1e3, statistics.median(off) * 1e3, paired, on_share, off_share)
 
 
 def phase_result(
@@ -238,7 +274,7 @@ def job_result(ranks: list[dict], counts: RowCounts, args: argparse.Namespace) -
         [remote * (row + grad) for remote in counts.remote],
     )
     remote, own = statistics.median(counts.remote), statistics.median(counts.own)
-    return JobResult(len(ranks), remote + own, remote / (remote + own), lookup, training)
+    return JobResult(len(ranks), remote + own, remote / (remote + own), lookup, training, overlap_result(ranks))
 
 
 # -- report -------------------------------------------------------------------------------------------------
@@ -260,6 +296,23 @@ def throughput_lines(results: list[JobResult], md: bool) -> list[str]:
     header = ["processes"]
     for name in PHASES:
         header += [f"{name} ms/step", f"{name} tokens/s", f"{name} vs {base.processes} proc", f"{name} comm share"]
+    return format_table(header, body, md)
+
+
+def overlap_lines(results: list[JobResult], md: bool) -> list[str]:
+    body = [
+        [
+            str(r.processes),
+            f"{r.overlap.off_ms:.1f}",
+            f"{r.overlap.on_ms:.1f}",
+            f"{r.overlap.on_vs_off:.3f}x",
+            f"{r.overlap.off_comm_share:.0%}",
+            f"{r.overlap.on_comm_share:.0%}",
+        ]
+        for r in results
+    ]
+    header = ["processes", "in the layer ms/step", "prefetched ms/step", "prefetched / in the layer (paired)",
+              "comm share, in the layer", "comm share, prefetched"]  # fmt: skip
     return format_table(header, body, md)
 
 
@@ -319,6 +372,11 @@ def report(args: argparse.Namespace, results: list[JobResult], num_rows: int, el
             f"Shakespeare, DeepSeek-V3 tokenizer, seed {args.seed}",
         ),
         ("steps", f"{args.steps} timed after {args.warmup} warmup per phase; medians"),
+        (
+            "front computation",
+            f"{args.front_matmuls} x (tokens of a process, {args.front_dim}) @ ({args.front_dim}, {args.front_dim}), "
+            "tanh, before the lookup behind compute",
+        ),
         ("wall time", f"{elapsed:.0f} s"),
     ]
     out = [heading("Environment"), "", *environment_lines(facts, md), ""]
@@ -340,6 +398,16 @@ def report(args: argparse.Namespace, results: list[JobResult], num_rows: int, el
         "'B/token sent' is the measured `bytes_sent`, which also counts what a process addresses to itself; "
         "'to others' subtracts that part (computed from the same row counts). The training step also sends each "
         "gradient row's id.",
+        "",
+    ]
+    out += [heading("Lookup behind compute: the rows exchange prefetched or in the layer"), ""]
+    out += overlap_lines(results, md)
+    out += [
+        "",
+        "The same batches, both ways, the order flipping every batch. Prefetched: counts and ids exchanged and the "
+        "owners' gather done, the rows exchange started (async all_to_all), then the front computation, then the "
+        "wait. Comm share: seconds inside the exchange calls, plus the wait for a prefetched exchange, over step "
+        "seconds, all processes.",
     ]
     return "\n".join(out)
 
@@ -363,6 +431,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps per phase (default 5)")
     parser.add_argument("--steps", type=int, help="timed steps per phase (default 100)")
     parser.add_argument("--lr", type=float, default=1e-3, help="RowAdam learning rate (default 1e-3)")
+    parser.add_argument("--front-dim", type=int, default=256, help="width of the front computation (default 256)")
+    parser.add_argument("--front-matmuls", type=int, default=4, help="its matrix products (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="table and data seed (default 0)")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per torchrun job (default 600)")
     parser.add_argument("--markdown", action="store_true", help="print markdown for docs/benchmarks.md")
@@ -377,7 +447,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--procs takes positive process counts")
     if any(args.batch % p for p in args.procs):
         parser.error("--batch must be divisible by every process count (the batch is split evenly)")
-    for name in ("base_size", "heads_per_order", "dim", "seq_len", "steps"):
+    for name in ("base_size", "heads_per_order", "dim", "seq_len", "steps", "front_dim", "front_matmuls"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -402,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "lr": args.lr,
             "warmup": args.warmup,
+            "front_dim": args.front_dim,
+            "front_matmuls": args.front_matmuls,
         }
         (run_dir / "spec.json").write_text(json.dumps(spec))
         torch.save(indices, run_dir / "indices.pt")

@@ -170,6 +170,19 @@ def test_a_checkpoint_of_2_ranks_loads_bit_exactly_on_3_ranks_and_on_one_process
             assert torch.equal(_bits(held[name]), _bits(value)), (world, rank, name)
 
 
+def test_prefetching_the_table_exchange_changes_no_bit_of_a_run(workspace):
+    """``engram train`` on 2 ranks, sharded lookups prefetched at forward start (the default) and exchanged in
+    the layer (``storage.prefetch=false``): the same losses, table rows, optimizer state and dense weights."""
+    runs = {prefetch: workspace["root"] / f"prefetch-{prefetch}" for prefetch in ("true", "false")}
+    for prefetch, run in runs.items():
+        _train(workspace, 2, run, 3, f"storage.prefetch={prefetch}")
+    assert _losses(runs["true"]) == _losses(runs["false"])
+    on, off = _state(runs["true"]), _state(runs["false"])
+    assert on.keys() == off.keys() and "tables/1/weight" in on
+    for name, value in on.items():
+        assert torch.equal(_bits(value), _bits(off[name])), name
+
+
 def test_disk_shards_train_like_one_process_and_resume_only_at_their_world_size(workspace, reference):
     reference, expected = reference
     run = workspace["root"] / "disk"

@@ -374,7 +374,8 @@ class EngramLM(nn.Module):
         if self.config.n_branches > 1:
             h = h.unsqueeze(2).expand(-1, -1, self.config.n_branches, -1)  # (B, T, M, d)
         # Row indices depend on the ids only: start every Engram layer's table reads now, so tables off
-        # the device are read while the layers in front compute (a no-op for device tables).
+        # the device are read while the layers in front compute (a no-op for device tables). Sharded
+        # tables start their collective exchange here, in layer order on every rank.
         prefetched = {i: engram.prefetch(hash_ids[i]) for i, engram in engrams.items()}
         caches = [None] * len(self.blocks) if state is None else state.blocks
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):

@@ -28,7 +28,8 @@ class StorageConfig(JsonConfig):
         directory: the disk tier's folder (``layer_<i>/`` inside); a training run defaults it to
             ``<run>/tables``.
         cache_mb: hot-row cache per table in MiB (host and disk tiers; 0 disables it).
-        prefetch: fetch each layer's rows in a background thread as soon as a batch is known.
+        prefetch: fetch each layer's rows in a background thread as soon as a batch is known (a sharded
+            table starts its rows exchange then, from the main thread).
         journal: disk tier: keep an undo journal so a crash between checkpoints can be rolled back.
         write_buffer_mb: disk tier: memory per table for rows the optimizer rewrites, written back to
             the files when displaced or at a checkpoint (0: every update goes to the files at once).

@@ -101,7 +101,11 @@ def place_tables(
                 directory = directory / SHARD_FOLDER.format(rank=rank, world=world)
         local = _local_table(storage, directory, table, start, end, sparse_grad)
         local.train(table.training)
-        placed[layer] = local if world == 1 else ShardedTable(table.num_rows, table.dim, local, group=process_group)
+        placed[layer] = (
+            local
+            if world == 1
+            else ShardedTable(table.num_rows, table.dim, local, group=process_group, prefetch=storage.prefetch)
+        )
     for layer, table in placed.items():  # every table built before any is replaced
         layer.table = table
     model.placement = storage

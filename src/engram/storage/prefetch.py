@@ -91,13 +91,20 @@ class PendingRows:
         Raises:
             RuntimeError: ``indices`` differ from the ones this fetch was started for.
         """
-        if indices is not self.indices and (
-            indices.shape != self.indices.shape
-            or indices.device != self.indices.device
-            or not torch.equal(indices, self.indices)
-        ):
-            raise RuntimeError(
-                "prefetched rows belong to other indices than this lookup's (another batch?); "
-                "call prefetch() with exactly the indices that lookup() will get"
-            )
+        check_same_indices(self.indices, indices)
         return self._future.result().wait()
+
+
+def check_same_indices(prefetched: torch.Tensor, indices: torch.Tensor) -> None:
+    """Raise unless ``indices`` are those a prefetch was started for (the same tensor, or equal values).
+
+    Raises:
+        RuntimeError: they differ.
+    """
+    if indices is not prefetched and (
+        indices.shape != prefetched.shape or indices.device != prefetched.device or not torch.equal(indices, prefetched)
+    ):
+        raise RuntimeError(
+            "prefetched rows belong to other indices than this lookup's (another batch?); "
+            "call prefetch() with exactly the indices that lookup() will get"
+        )
