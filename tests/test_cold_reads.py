@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram.storage import HostTable
+from engram.storage import DiskTable, HostTable
 from engram.storage import table_file as table_file_module
 from engram.storage.prefetch import PendingRows
 from engram.storage.table_file import DATA_OFFSET, RowChecksumError, TableFile, page_runs
@@ -159,3 +159,29 @@ def test_queues_given_explicitly_keep_their_order_across_tables():
     for k, rows in enumerate(pending):
         rows.result(torch.tensor([k]))
     assert order == [0, 1, 2, 3]
+
+
+def test_a_training_table_advises_its_optimizer_state_pages_with_the_fetch(tmp_path, monkeypatch):
+    table = DiskTable(tmp_path / "t", 50_000, 8, init_std=0.1, seed=0, write_buffer_bytes=1 << 20)
+    table.row_state("exp_avg", (8,), torch.float32)
+    table.row_state("row_step", (), torch.int64)
+    rows = torch.arange(0, 50_000, 250)
+    table.write_state("exp_avg", rows[:10], torch.ones(10, 8))  # buffered: not read from the files later
+    advised: list[tuple[str, list[int]]] = []
+    will_need = TableFile.will_need
+
+    def recorded(self, r, **kw):
+        advised.append((self.path.name, r.tolist()))
+        return will_need(self, r, **kw)
+
+    monkeypatch.setattr(TableFile, "will_need", recorded)
+    table.eval()
+    table.fetch(rows)
+    assert [name for name, _ in advised] == ["weight.table"]  # inference: the optimizer state is not needed
+    advised.clear()
+    table.train()
+    fetched = table.fetch(rows)
+    assert torch.equal(fetched.values, table.read_rows(rows))
+    state = {name: r for name, r in advised if name != "weight.table"}
+    assert state == {"exp_avg.table": rows[10:].tolist(), "row_step.table": rows[10:].tolist()}
+    table.close()
