@@ -31,7 +31,10 @@ before the training rounds (``prepare_checkpoint``/``commit_checkpoint``), as a 
 checkpoint has: from then on, rows about to change in the files (written back from the write buffer,
 or written through without one) have their old values journaled and fsynced first. No later
 checkpoint is taken, so the journal keeps growing. Every configuration runs the same batches (step
-``i`` reads batch ``i`` of sonnets 1-140, tokenised with the 1,024-id BPE of ``tests/corpus.py``).
+``i`` reads batch ``i`` of sonnets 1-140, tokenised with the 1,024-id BPE of ``tests/corpus.py``; with
+``--corpus wikipedia``, of the first ``--corpus-tokens`` tokens of the Wikipedia paragraphs of
+``engram data wikipedia``, tokenised with the same BPE, whose rows far exceed the hot-row cache and
+the write-back buffer, so that their hit rates are those of a working set larger than they are).
 Timed calls
 alternate configuration by configuration, the order flipping every round, so the noise of a shared
 machine hits all alike; the first ``--warmup`` rounds are not timed; medians are reported. The
@@ -57,6 +60,11 @@ Run from the repository root::
 
     python benchmarks/bench_tiers.py             # plain text
     python benchmarks/bench_tiers.py --markdown  # markdown for docs/benchmarks.md
+
+With a cold configuration, the disk's own random 4 KiB read rate is measured in the same folder
+(``bench_disk.py``: one thread, ``--disk-depth`` threads, and reads queued by the kernel;
+``--disk-seconds`` each, 0: not measured), and the cold fetch's rate (rows gathered from the weight
+file per second of ``TableFile.read_rows``, in the breakdown steps) is reported as a fraction of it.
 
 ``--verify-gib N`` also times ``verify_tables`` (``engram tables verify``) over a table file of
 N GiB written for it, with its pages in the page cache (just written) and dropped from it.
@@ -94,13 +102,14 @@ from engram.storage import table_file as table_file_module
 from engram.storage.config import LAYER_FOLDER
 from engram.storage.disk import verify_tables
 from engram.storage.journal import UndoJournal
-from engram.storage.table_file import DATA_OFFSET, TableFile
+from engram.storage.table_file import DATA_OFFSET, TableFile, page_runs
 from engram.storage.write_buffer import WriteBuffer
 from engram.training import RowOptimizer, TrainConfig, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repository root, for tests.corpus
 from tests.corpus import sonnets_tokenizer, sonnets_tokens
 
+import bench_disk
 from _report import environment_lines, format_table
 
 ENGRAM_LAYERS = [1]
@@ -108,6 +117,12 @@ N_EMBED_PER_NGRAM = 64
 N_HEAD_PER_NGRAM = 4
 MAX_NGRAM = 3
 TARGET = 0.03  # host and warm disk with prefetch on: at most 3% slower than device
+COLD_TARGET = 2.0  # cold page cache: an inference step at most 2x the device's
+COLD_FETCH_TARGET = 0.5  # and its fetch at least half the disk's deep-queue random-read rate
+READ_WEIGHT = "read_rows: weight file"  # breakdown labels
+READ_STATE = "read_rows: state files"
+READ_PAGES = "pages of the weight file read"
+ADVISE = "will_need (probe + advise)"
 WRITE_BACK = "write buffer: write back to files"  # a breakdown label
 # what "disk-warm-on" (rows verified on read) is compared with, the configurations being otherwise the same
 CHECKSUM_BASELINES = {
@@ -125,6 +140,26 @@ CONFIG_KEYS = [
     "disk-cold",
     "disk-cold-cache",
 ]
+
+
+def corpus_tokens(corpus: str, limit: int) -> np.ndarray:
+    """The training tokens: sonnets 1-140, or the first ``limit`` tokens of the Wikipedia paragraphs
+    (documents in order, each followed by ``<eos>``), with the 1,024-id BPE of ``tests/corpus.py``."""
+    if corpus == "sonnets":
+        return sonnets_tokens()[0]
+    from engram.data.sources import open_source
+
+    tokenizer = sonnets_tokenizer()
+    eos = tokenizer.token_to_id("<eos>")
+    ids: list[int] = []
+    documents = (text for _, text in open_source("wikipedia"))
+    while len(ids) < limit:
+        batch = [text for _, text in zip(range(2000), documents, strict=False)]
+        if not batch:
+            break
+        for encoding in tokenizer.encode_batch(batch):
+            ids += [*encoding.ids, eos]
+    return np.array(ids[:limit], dtype=np.int32)
 
 
 def model_config(table_mb: float) -> ModelConfig:
@@ -265,6 +300,7 @@ class Variant:
     major: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     hit_rate: dict[str, float] = field(default_factory=dict)
     rows_written_back: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, dict[str, float]] = field(default_factory=dict)  # per workload: Probe.rows per step
     breakdown: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -300,7 +336,7 @@ class Bench:
         self.args = args
         self.root = root
         self.config = model_config(args.table_mb)
-        self.tokens, _ = sonnets_tokens()
+        self.tokens = corpus_tokens(args.corpus, args.corpus_tokens)
         compressor = CompressedTokenizer(sonnets_tokenizer(), cache_dir=False)
         self.indexer = EngramIndexer(self.config.engram, compressor)
         self.windows = RandomWindows(self.tokens, args.batch, args.seq_len, seed=args.seed)
@@ -424,6 +460,7 @@ class Bench:
                         step_fn(variant, first_step + k)
             variant.breakdown[workload] = probe.per_step(self.args.breakdown)
             variant.rows_written_back[workload] = probe.rows_written_back / self.args.breakdown
+            variant.counts[workload] = {key: n / self.args.breakdown for key, n in probe.rows.items()}
 
     def corpus_rows(self) -> tuple[int, float]:
         """Distinct table rows the whole training corpus touches, and the median per batch."""
@@ -450,6 +487,7 @@ class Probe:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.rows_written_back = 0
+        self.rows: dict[str, int] = defaultdict(int)  # rows per counter (file reads, write buffer)
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -466,9 +504,28 @@ class Probe:
     def _wrap(self, function: Callable, label: str) -> Callable:
         @functools.wraps(function)
         def timed(*args, **kwargs):
+            name = label
             if label == WRITE_BACK:  # WriteBuffer._write_back_rows(self, rows, values)
                 self.rows_written_back += args[1].numel()
-            with self.timing(label):
+            if name == "read_rows":  # TableFile.read_rows(self, rows, ...): by file
+                name = READ_WEIGHT if args[0].path.name == "weight.table" else READ_STATE
+                pages = int(page_runs(args[1], args[0].record_bytes)[1].sum()) if name == READ_WEIGHT else 0
+                with self._lock:
+                    self.rows[name] += args[1].numel()
+                    self.rows[READ_PAGES] += pages
+            if name == "write buffer read" and hasattr(
+                WriteBuffer, "resident"
+            ):  # WriteBuffer.read(self, name, rows): rows served from the buffer
+                with self._lock:
+                    self.rows["buffer reads"] += args[2].numel()
+                    self.rows["buffer hits"] += int(args[0].resident(args[2]).sum())
+                return function(*args, **kwargs)
+            if name == "write buffer claim":  # WriteBuffer._claim(self, rows, slots): rows entering
+                with self._lock:
+                    self.rows["buffer claims"] += args[1].numel()
+                    self.rows["buffer evictions"] += int((args[0].tags[args[2]] != -1).sum())
+                return function(*args, **kwargs)
+            with self.timing(name):
                 return function(*args, **kwargs)
 
         return timed
@@ -488,7 +545,12 @@ class Probe:
             (WriteBuffer, "_write_back_rows", WRITE_BACK),
             (journal_module.os, "fsync", "fsync (any file)"),
             (table_file_module, "row_checksums", "row checksums (reads and writes)"),
+            (TableFile, "read_rows", "read_rows"),
+            (TableFile, "will_need", ADVISE),
+            (WriteBuffer, "read", "write buffer read"),
+            (WriteBuffer, "_claim", "write buffer claim"),
         ]
+        targets = [target for target in targets if target[1] in target[0].__dict__]  # older sources lack some
         saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in targets]
         try:
             for owner, name, label in targets:
@@ -635,6 +697,9 @@ BREAKDOWN_ORDER = [
     "write_rows",
     WRITE_BACK,
     "row checksums (reads and writes)",
+    ADVISE,
+    READ_WEIGHT,
+    READ_STATE,
 ]
 
 
@@ -651,11 +716,82 @@ def cache_note(args: argparse.Namespace, cache, total_rows: int) -> str:
     """What the hot-row cache can hold, against the rows the corpus touches."""
     if cache is None:
         return ""
+    share = cache.num_slots / total_rows
     return (
         f" The {args.cache_mb:g} MiB hot-row cache ({cache.num_slots:,} slots) can hold "
-        f"{min(1.0, cache.num_slots / total_rows):.0%} of everything the corpus ever reads: its hit rate "
-        "here is that of a tiny corpus, not of a real one."
+        f"{min(1.0, share):.{0 if share >= 0.01 else 2}%} of everything the corpus ever reads"
+        + (": its hit rate here is that of a tiny corpus, not of a real one." if share > 0.1 else ".")
     )
+
+
+def disk_limit(root: Path, seconds: float, depth: int) -> dict[str, bench_disk.ReadRate]:
+    """The disk's random 4 KiB read rates in ``root`` (``bench_disk.py``), over a 1 GiB file of its own."""
+    path = root / "disk-limit.bin"
+    bench_disk.write_file(path, 1 << 30)
+    try:
+        return {
+            "queue depth 1": bench_disk.reads_per_second(path, 1, seconds),
+            f"queue depth {depth} (threads)": bench_disk.reads_per_second(path, depth, seconds),
+            "queued by the kernel (WILLNEED)": bench_disk.willneed_rate(path, seconds),
+        }
+    finally:
+        path.unlink()
+
+
+def cold_lines(
+    bench: Bench, workload: str, limit: dict[str, bench_disk.ReadRate], ratios: dict[str, float]
+) -> list[str]:
+    """Each cold configuration's fetch rate (rows read from the weight file per second spent reading them, in
+    the breakdown steps) against the disk's own limit, and the cold targets' verdict."""
+    deep = max((rate.per_second for key, rate in limit.items() if key != "queue depth 1"), default=0.0)
+    lines = []
+    for v in bench.variants:
+        if not v.cold or workload not in v.breakdown:
+            continue
+        rows = v.counts[workload].get(READ_WEIGHT, 0.0)
+        pages = v.counts[workload].get(READ_PAGES, 0.0)
+        seconds = v.breakdown[workload].get(READ_WEIGHT, 0.0)
+        fetch = v.breakdown[workload].get("fetch: unique + gather + copy", 0.0)
+        line = (
+            f"- {v.name}: {rows:,.0f} rows ({pages:,.0f} distinct pages) per step read from the weight file in "
+            f"{seconds * 1e3:.1f} ms"
+        )
+        if seconds:
+            line += f", {rows / seconds:,.0f} rows/s, {pages / seconds:,.0f} pages/s"
+            if deep:
+                line += f" = {pages / seconds / deep:.0%} of the disk's deep-queue rate"
+        line += f" (the whole fetch {fetch * 1e3:.1f} ms)"
+        if workload == "inference" and v.name in ratios and seconds and deep:
+            ok = ratios[v.name] <= COLD_TARGET and pages / seconds >= COLD_FETCH_TARGET * deep
+            line += (
+                f"; target (step at most {COLD_TARGET:g}x the device's, fetch at least {COLD_FETCH_TARGET:.0%} of "
+                f"the deep-queue rate): {'PASS' if ok else 'FAIL'} ({ratios[v.name]:.2f}x)"
+            )
+        lines.append(line + ".")
+    if not lines:
+        return []
+    rates = ", ".join(f"{key} {rate.per_second:,.0f}" for key, rate in limit.items())
+    head = f"**Cold fetch against the disk** (random 4 KiB reads/s in the same folder: {rates}):" if limit else ""
+    return [head or "**Cold fetch** (disk limit not measured):", "", *lines, ""]
+
+
+def buffer_lines(bench: Bench, workload: str) -> list[str]:
+    """What the write-back buffer did in the breakdown steps: reads it served, rows entering it, rows it displaced."""
+    lines = []
+    for v in bench.variants:
+        counts = v.counts.get(workload, {})
+        reads = counts.get("buffer reads", 0.0)
+        if not reads:
+            continue
+        lines.append(
+            f"- {v.name}: {counts.get('buffer hits', 0.0) / reads:.1%} of {reads:,.0f} row reads per step served from "
+            f"the buffer; {counts.get('buffer claims', 0.0):,.0f} rows entered it per step, "
+            f"{counts.get('buffer evictions', 0.0):,.0f} of them displacing a buffered row "
+            f"({v.rows_written_back.get(workload, 0.0):,.0f} rows written back to the files per step)"
+        )
+    if not lines:
+        return []
+    return [f"**Write-back buffer** (mean per step over the {bench.args.breakdown} breakdown steps):", "", *lines, ""]
 
 
 def buffer_note(bench: Bench, total_rows: int) -> str:
@@ -682,6 +818,12 @@ def buffer_note(bench: Bench, total_rows: int) -> str:
     if written is not None:
         note += f": in the breakdown steps it wrote {written:,.0f} rows per step back to the files"
     return note + "."
+
+
+def corpus_name(args: argparse.Namespace) -> str:
+    if args.corpus == "sonnets":
+        return "sonnets 1-140"
+    return f"the first {args.corpus_tokens:,} tokens of the Wikipedia paragraphs (`engram data wikipedia`)"
 
 
 def source_version() -> str:
@@ -723,6 +865,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--verify-gib", type=float, default=0, help="time `tables verify` over a table of this many GiB (default 0: no)"
     )
     parser.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    parser.add_argument("--corpus", choices=["sonnets", "wikipedia"], default="sonnets", help="(default sonnets)")
+    parser.add_argument(
+        "--corpus-tokens", type=int, default=4_000_000, help="tokens of --corpus wikipedia (default 4,000,000)"
+    )
+    parser.add_argument(
+        "--disk-seconds", type=float, default=2.0, help="per rate of the disk limit, with a cold config (0: none)"
+    )
+    parser.add_argument("--disk-depth", type=int, default=64, help="threads of the deep-queue disk rate (default 64)")
     parser.add_argument("--markdown", action="store_true", help="print markdown for docs/benchmarks.md")
     parser.add_argument("--quiet", dest="verbose", action="store_false", help="no progress lines on stderr")
     args = parser.parse_args(argv)
@@ -778,6 +928,10 @@ def main(argv: list[str] | None = None) -> int:
                 bench.breakdown("training", bench.train, args.warmup + args.steps)
             sections[workload], ratios[workload], paired[workload] = results_lines(bench, workload, md)
         disk_sizes = {key: folder_mib(root / key) for key in bench.models if key.startswith("disk")}
+        limit = {}
+        if args.disk_seconds and any(v.cold for v in bench.variants):
+            bench.log("measuring the disk's random read rate")
+            limit = disk_limit(root, args.disk_seconds, args.disk_depth)
         if args.verify_gib:
             bench.log(f"timing verify_tables over a {args.verify_gib:g} GiB table")
             scan = verify_scan_lines(root, args.verify_gib, md)
@@ -798,7 +952,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"configurations, then per workload {args.cold_steps} timed (device and "
                 f"cold), each block after {args.warmup} warmup, alternating, order flipped every round; medians",
             ),
-            ("batch", f"{args.batch} x {args.seq_len} tokens of sonnets 1-140 (1,024-id BPE), seed {args.seed}"),
+            ("batch", f"{args.batch} x {args.seq_len} tokens of {corpus_name(args)} (1,024-id BPE), seed {args.seed}"),
             ("disk tables", f"{root.parent} ({fs}), removed at the end"),
             ("source", source),
             ("wall time", f"{elapsed:.0f} s"),
@@ -834,6 +988,8 @@ def main(argv: list[str] | None = None) -> int:
                 *verdict_lines(ratios[workload], paired[workload]),
                 "",
                 *checksum_lines(bench, workload),
+                *cold_lines(bench, workload, limit, ratios[workload]),
+                *buffer_lines(bench, workload),
             ]
             if args.breakdown:
                 out += [

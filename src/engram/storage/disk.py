@@ -34,7 +34,7 @@ from engram.storage.base import Durable
 from engram.storage.init import draw_seed
 from engram.storage.journal import UndoJournal
 from engram.storage.offload import OffloadedTable
-from engram.storage.table_file import RowCheck, TableFile, TableFileError
+from engram.storage.table_file import ADVISE_MIN_ROWS, RowCheck, TableFile, TableFileError
 from engram.storage.write_buffer import WriteBuffer
 
 WEIGHT_FILE = "weight.table"
@@ -211,9 +211,25 @@ class DiskTable(OffloadedTable, Durable):
     def _read_weight(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         buffer = self.buffer()
         if buffer is None:
-            return self._file_read("weight", rows, out)
-        values = buffer.read("weight", rows)
-        return values if out is None else out.copy_(values)
+            values = self._file_read("weight", rows, out)
+        else:
+            values = buffer.read("weight", rows)
+            values = values if out is None else out.copy_(values)
+        if self.training and self._state_files:
+            self._advise_state(rows if buffer is None else rows[~buffer.resident(rows)])
+        return values
+
+    def _advise_state(self, rows: torch.Tensor) -> None:
+        """Start reading the optimizer-state pages of ``rows`` (U,) that are not in the page cache.
+
+        A table in training mode fetches the rows its optimizer will update: their state rows will be
+        read from the files at the optimizer step (those not in the write-back buffer). Advising their
+        pages now (``TableFile.will_need``), from the fetch, lets the disk read them while the model
+        computes, instead of one page fault after another in the optimizer step.
+        """
+        if rows.numel() >= ADVISE_MIN_ROWS:
+            for state_file in self._state_files.values():
+                state_file.will_need(rows)
 
     def _file_read(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows (U,) of array ``name`` from its file: (U, *row_shape), checked unless ``verify_rows`` is off."""

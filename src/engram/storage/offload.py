@@ -64,7 +64,7 @@ class OffloadedTable(LocalTable):
         return FetchedRows(rows, inverse.view(indices.shape), values)
 
     def prefetch(self, indices: torch.Tensor) -> PendingRows | None:
-        return PendingRows(indices, self.fetch) if self.prefetch_enabled else None
+        return PendingRows(indices, self.fetch, queue=self) if self.prefetch_enabled else None
 
     def lookup(self, indices: torch.Tensor, prefetched: PendingRows | None = None) -> torch.Tensor:
         fetched = prefetched.result(indices) if prefetched is not None else self.fetch(indices)

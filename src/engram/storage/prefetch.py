@@ -2,31 +2,82 @@
 
 An Engram layer's row indices depend only on the input ids, so as soon as a batch exists the rows
 of every Engram layer can be fetched while the layers before it compute. ``prefetch`` hands the
-work to a background thread and returns a ``PendingRows``; the layer calls ``result(indices)``,
+work to a pool of background threads and returns a ``PendingRows`` (one table's fetches run in
+order, one at a time; different tables' fetches at once); the layer calls ``result(indices)``,
 which waits only if the rows are not there yet. On CUDA the host-to-device copy runs on a side
 stream, and the layer's stream waits for it with an event, not the host.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
+# Fetches of one table run one after another, in the order they were started: a table's fetch
+# changes its hot-row cache and reads its write-back buffer, neither of which is safe to use from
+# two threads at once. Fetches of different tables run at the same time, on a pool shared by all
+# tables, so that the cold reads of every Engram layer of a batch wait for the disk together.
+# Threads mostly wait on the disk or in torch kernels (the GIL is released), so the pool may be
+# larger than the number of cores.
+POOL_WORKERS = max(2, min(8, os.cpu_count() or 2))
+
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
 
 
-def _background() -> ThreadPoolExecutor:
-    """One worker thread per table layer is not needed: one shared worker keeps fetches in submission order."""
+def _pool() -> ThreadPoolExecutor:
     global _executor
     with _executor_lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
+            _executor = ThreadPoolExecutor(max_workers=POOL_WORKERS, thread_name_prefix="engram-prefetch")
         return _executor
+
+
+class _SerialQueues:
+    """Tasks grouped by key: those of one key run in submission order, one at a time; different keys in parallel.
+
+    A key with tasks waiting has one drain job on the pool, which runs the key's tasks until its
+    queue is empty; a key whose queue is empty holds nothing, so keys (tables) come and go freely.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[Hashable, deque[tuple[Future, Callable[[], object]]]] = {}
+
+    def submit(self, key: Hashable, task: Callable[[], object]) -> Future:
+        future: Future = Future()
+        with self._lock:
+            queue = self._queues.get(key)
+            start = queue is None  # no drain job running for this key
+            if start:
+                queue = self._queues[key] = deque()
+            queue.append((future, task))
+        if start:
+            _pool().submit(self._drain, key)
+        return future
+
+    def _drain(self, key: Hashable) -> None:
+        while True:
+            with self._lock:
+                queue = self._queues[key]
+                if not queue:
+                    del self._queues[key]
+                    return
+                future, task = queue.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(task())
+                except BaseException as error:  # reaches the layer through result()
+                    future.set_exception(error)
+
+
+_queues = _SerialQueues()
 
 
 @dataclass
@@ -59,16 +110,20 @@ class PendingRows:
     """Rows being fetched in the background for one set of indices.
 
     ``result(indices)`` refuses indices other than those the fetch was started for, so rows of one
-    batch can never be served to another.
+    batch can never be served to another. Fetches with the same ``queue`` (a table passes itself)
+    run in the order they were started, one at a time; fetches of different queues run at once.
     """
 
-    def __init__(self, indices: torch.Tensor, fetch: Callable[[torch.Tensor], FetchedRows]):
+    def __init__(
+        self, indices: torch.Tensor, fetch: Callable[[torch.Tensor], FetchedRows], queue: Hashable | None = None
+    ):
         self.indices = indices
         after = None
         if indices.is_cuda:  # the indices may still be being computed on the current stream
             after = torch.cuda.Event()
             after.record(torch.cuda.current_stream(indices.device))
-        self._future: Future[FetchedRows] = _background().submit(self._run, fetch, indices, after)
+        key = fetch if queue is None else queue
+        self._future: Future[FetchedRows] = _queues.submit(key, lambda: self._run(fetch, indices, after))
 
     @staticmethod
     def _run(fetch: Callable[[torch.Tensor], FetchedRows], indices: torch.Tensor, after) -> FetchedRows:

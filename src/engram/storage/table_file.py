@@ -79,6 +79,12 @@ _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: its multiples spread the ch
 _SUM_WORDS = 256  # words per float64 product: |word| <= 2^31 and c < 2^14 keep 256 terms below 2^53, exact
 _BLOCK_WORDS = 1 << 18  # words per block of rows: the float64 copy of a block stays in the CPU caches
 _SHOWN_ROWS = 10  # damaged rows an error message lists
+PAGE_BYTES = mmap.PAGESIZE
+# Cold reads. A read of at least ADVISE_MIN_ROWS rows first probes RESIDENCY_SAMPLES of its pages
+# (one byte each, preadv2 RWF_NOWAIT: fails instead of waiting for the disk); if any is missing from
+# the page cache, all of its pages are advised WILLNEED before the gather.
+ADVISE_MIN_ROWS = 64
+RESIDENCY_SAMPLES = 32
 
 
 class TableFileError(ValueError):
@@ -189,6 +195,28 @@ def _runs(rows: torch.Tensor) -> list[tuple[int, int, int]]:
     return list(zip(starts, ends, rows[starts].tolist(), strict=True))
 
 
+def page_runs(rows: torch.Tensor, record_bytes: int, page_bytes: int = PAGE_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """The file pages holding the records of ``rows`` (any order, repeats allowed), as runs of consecutive pages.
+
+    A record spans bytes ``[DATA_OFFSET + r * record_bytes, DATA_OFFSET + (r + 1) * record_bytes)``,
+    so it touches one page or, straddling a boundary, several. Returns ``(first_page, num_pages)``:
+    int64 arrays of the runs, ascending, disjoint and not adjacent (adjacent runs are merged, so
+    that one ``posix_fadvise`` covers each).
+    """
+    ids = rows.reshape(-1).cpu().numpy().astype(np.int64, copy=False)
+    if ids.size == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if ids.size > 1 and (ids[1:] < ids[:-1]).any():  # lookups pass sorted rows: no sort then
+        ids = np.sort(ids)
+    start = DATA_OFFSET + ids * record_bytes
+    first, last = start // page_bytes, (start + record_bytes - 1) // page_bytes  # both ascending
+    # A new run starts where a record's first page lies beyond the page after the previous record's last.
+    begins = np.flatnonzero(first[1:] > last[:-1] + 1) + 1
+    starts = np.concatenate(([0], begins))
+    ends = np.concatenate((begins - 1, [ids.size - 1]))  # the last record of each run
+    return first[starts], last[ends] - first[starts] + 1
+
+
 def record_layout(row_bytes: int, itemsize: int, checksummed: bool = True) -> tuple[int, int]:
     """(byte offset of the checksum in a row record, bytes of a record) for rows of ``row_bytes``.
 
@@ -279,6 +307,7 @@ class TableFile:
             records = torch.from_numpy(array.reshape(self.num_rows, self.record_bytes))  # (R, S) bytes
         self._tensor: torch.Tensor | None = records[:, : self.row_bytes].view(self.dtype)  # (R, dim)
         self._checksums: torch.Tensor | None = None
+        self._probe_residency = hasattr(os, "RWF_NOWAIT")  # cleared if the filesystem refuses the probe
         if self.row_checksum is not None:
             self._checksums = records[:, self._checksum_at : self._checksum_at + CHECKSUM_BYTES].view(torch.int32)[:, 0]
 
@@ -489,17 +518,67 @@ class TableFile:
 
         With ``verify`` (and a format-2 file) each row's checksum is recomputed and compared with the
         stored one (about a quarter of the gather's cost); the two sit in one record, so the check reads
-        no other page of the file.
+        no other page of the file. A read of ``ADVISE_MIN_ROWS`` rows or more first asks the kernel for
+        all of its pages that are not cached (``will_need``), so that a cold read waits for the disk
+        once, not once per page.
 
         Raises:
             RowChecksumError: a row does not match its checksum (the message names the file and rows).
         """
+        if rows.numel() >= ADVISE_MIN_ROWS:
+            self.will_need(rows)
         values = self.tensor.index_select(0, rows) if out is None else torch.index_select(self.tensor, 0, rows, out=out)
         if verify and self._checksums is not None:
             bad = (row_checksums(values) != self._checksums.index_select(0, rows)).nonzero().squeeze(1)
             if bad.numel():
                 raise RowChecksumError(self.path, rows[bad].sort().values.tolist(), rows.numel())
         return values
+
+    def will_need(self, rows: torch.Tensor, check_resident: bool = True) -> bool:
+        """Start reading the pages of ``rows`` that are not in the page cache, all at once; True if it did.
+
+        Gathering rows from a mapping whose pages are on disk takes one page fault per page, each a
+        disk read waited for before the next is asked (queue depth 1). ``posix_fadvise(WILLNEED)``
+        per run of the rows' pages (``page_runs``: sorted, deduplicated, adjacent pages merged)
+        queues them in the kernel instead, as deep as the disk takes them; the gather then finds
+        them in the page cache, or waits for a page already on its way.
+
+        Each call costs a system call per run even when the pages are cached, so with
+        ``check_resident`` it first reads one byte of each of ``RESIDENCY_SAMPLES`` of the rows,
+        spread evenly over them, with ``RWF_NOWAIT`` (which fails rather than read from the disk) and
+        skips the advice if every sampled page is in the page cache: a read with a few pages missing
+        then takes a few faults, one that misses a sizeable share of them is advised. Where the probe
+        is not supported (not Linux, or a filesystem without ``RWF_NOWAIT`` reads) every call advises.
+        """
+        if self._tensor is None:
+            raise TableFileError(f"{self.path} is closed")
+        if not hasattr(os, "posix_fadvise"):
+            return False
+        if check_resident and self._all_resident(rows):
+            return False
+        first, count = page_runs(rows, self.record_bytes)
+        fd = self._file.fileno()
+        for page, pages in zip((first * PAGE_BYTES).tolist(), (count * PAGE_BYTES).tolist(), strict=True):
+            os.posix_fadvise(fd, page, pages, os.POSIX_FADV_WILLNEED)
+        return True
+
+    def _all_resident(self, rows: torch.Tensor) -> bool:
+        """Whether the first page of each of ``RESIDENCY_SAMPLES`` of ``rows``, spread evenly over them, is in
+        the page cache (False when the probe is not supported here)."""
+        flat = rows.reshape(-1)
+        if flat.numel() == 0 or not self._probe_residency:
+            return flat.numel() == 0
+        picks = flat[torch.linspace(0, flat.numel() - 1, min(RESIDENCY_SAMPLES, flat.numel())).long()]
+        fd, probe = self._file.fileno(), bytearray(1)
+        for row in picks.tolist():
+            try:
+                os.preadv(fd, [probe], DATA_OFFSET + row * self.record_bytes, os.RWF_NOWAIT)
+            except BlockingIOError:  # EAGAIN: on disk
+                return False
+            except OSError:  # EOPNOTSUPP, EINVAL: no non-blocking buffered reads on this filesystem
+                self._probe_residency = False
+                return False
+        return True
 
     def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Write rows (U,) (distinct; sorted rows merge into fewer writes) with values (U, dim), and their checksums.

@@ -66,10 +66,14 @@ class WriteBuffer:
     def buffered_rows(self) -> int:
         return int((self.tags != EMPTY).sum())
 
+    def resident(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U,) bool: which of ``rows`` (U,) are in the buffer."""
+        return self.tags[rows % self.num_slots] == rows
+
     def read(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows (U,) of array ``name``: (U, ...), the buffered ones from the buffer."""
         slots = rows % self.num_slots
-        hit = self.tags[slots] == rows
+        hit = self.resident(rows)
         if not bool(hit.any()):
             return self.read_rows(name, rows)
         out = self.data[name].new_empty(rows.numel(), *self.data[name].shape[1:])

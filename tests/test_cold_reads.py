@@ -1,0 +1,187 @@
+"""Cold reads of disk tables issued together, and prefetches of different tables running at once."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from engram.storage import DiskTable, HostTable
+from engram.storage import table_file as table_file_module
+from engram.storage.prefetch import PendingRows
+from engram.storage.table_file import DATA_OFFSET, RowChecksumError, TableFile, page_runs
+
+WAIT_S = 20.0  # generous: a timeout here means a fetch never started, not that the machine was slow
+
+
+def runs_by_loop(rows: list[int], record_bytes: int, page_bytes: int) -> list[tuple[int, int]]:
+    """``page_runs`` written out: every page of every record, then runs of consecutive pages."""
+    pages = set()
+    for row in rows:
+        start = DATA_OFFSET + row * record_bytes
+        pages.update(range(start // page_bytes, (start + record_bytes - 1) // page_bytes + 1))
+    runs: list[list[int]] = []
+    for page in sorted(pages):
+        if runs and runs[-1][0] + runs[-1][1] == page:
+            runs[-1][1] += 1
+        else:
+            runs.append([page, 1])
+    return [(first, count) for first, count in runs]
+
+
+@pytest.mark.parametrize("record_bytes", [16, 68, 260, 4096, 5000, 9000])
+def test_page_runs_match_a_plain_loop(record_bytes):
+    generator = np.random.default_rng(record_bytes)
+    for num_rows, count in [(50, 1), (50, 40), (10_000, 300), (1_000_000, 2_000)]:
+        rows = generator.integers(0, num_rows, count)  # unsorted, with repeats
+        first, pages = page_runs(torch.from_numpy(rows), record_bytes, page_bytes=4096)
+        found = list(zip(first.tolist(), pages.tolist(), strict=True))
+        assert found == runs_by_loop(rows.tolist(), record_bytes, 4096)
+    empty = page_runs(torch.zeros(0, dtype=torch.long), record_bytes)
+    assert empty[0].size == 0 and empty[1].size == 0
+
+
+@pytest.fixture
+def table_file(tmp_path):
+    with TableFile.create(tmp_path / "weight.table", 200_000, 16, init_std=0.5, seed=3) as table:
+        yield table
+
+
+def test_rows_read_with_and_without_advice_are_identical(table_file, monkeypatch):
+    rows = torch.unique(torch.randint(0, table_file.num_rows, (5_000,), generator=torch.Generator().manual_seed(0)))
+    advised = []
+    will_need = TableFile.will_need
+
+    def recorded(self, r, **kw):
+        advised.append(will_need(self, r, **kw))
+        return advised[-1]
+
+    monkeypatch.setattr(TableFile, "will_need", recorded)
+    monkeypatch.setattr(table_file_module, "ADVISE_MIN_ROWS", 10**9)  # never advised
+    table_file.evict_page_cache()
+    plain = table_file.read_rows(rows)
+    assert advised == []
+    monkeypatch.setattr(table_file_module, "ADVISE_MIN_ROWS", 1)
+    table_file.evict_page_cache()
+    with_advice = table_file.read_rows(rows)
+    out = torch.empty_like(plain)
+    table_file.read_rows(rows, out=out)  # resident now: the probe finds it so, where it can probe
+    assert len(advised) == 2
+    if table_file._probe_residency:
+        assert advised[1] is False
+        table_file.evict_page_cache()
+        assert table_file.will_need(rows) is True  # dropped again: the probe finds pages missing
+    assert torch.equal(plain.view(torch.int32), with_advice.view(torch.int32))  # bit for bit
+    assert torch.equal(out.view(torch.int32), plain.view(torch.int32))
+    assert torch.equal(plain, table_file.tensor[rows])
+    assert table_file.will_need(rows, check_resident=False) is True  # advice issued regardless
+
+
+def test_advised_reads_still_check_every_row(table_file, monkeypatch):
+    rows = torch.arange(0, 200_000, 997)
+    table_file.write_rows(rows[5:6], torch.ones(1, 16))
+    table_file.tensor[rows[7]] += 1.0  # changed behind the checksum's back
+    table_file.flush()
+    table_file.evict_page_cache()
+    monkeypatch.setattr(table_file_module, "ADVISE_MIN_ROWS", 1)
+    with pytest.raises(RowChecksumError) as error:
+        table_file.read_rows(rows)
+    assert error.value.rows == [int(rows[7])]
+
+
+class GatedTable(HostTable):
+    """A host table whose fetch first reports that it started, then waits for a gate to open."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        self.log: list[tuple[str, int]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._lock = threading.Lock()
+
+    def fetch(self, indices):
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self.log.append(("start", int(indices.reshape(-1)[0])))
+        self.started.set()
+        try:
+            if not self.gate.wait(WAIT_S):
+                raise TimeoutError("the gate of this fetch never opened")
+            return super().fetch(indices)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self.log.append(("end", int(indices.reshape(-1)[0])))
+
+
+def test_fetches_of_different_tables_are_in_flight_at_once():
+    first, second = GatedTable(100, 4, seed=1), GatedTable(100, 4, seed=2)
+    first_pending = first.prefetch(torch.tensor([[1, 2]]))
+    assert first.started.wait(WAIT_S)
+    # the first table's fetch holds its thread until the second table's fetch has started
+    second_pending = second.prefetch(torch.tensor([[3, 4]]))
+    assert second.started.wait(WAIT_S), "a fetch of another table waited for the first table's fetch"
+    first.gate.set()
+    second.gate.set()
+    assert torch.equal(first_pending.result(torch.tensor([[1, 2]])).values, first.weight[[1, 2]])
+    assert torch.equal(second_pending.result(torch.tensor([[3, 4]])).values, second.weight[[3, 4]])
+
+
+def test_fetches_of_one_table_run_one_at_a_time_in_order():
+    table = GatedTable(100, 4, seed=1)
+    pending = [table.prefetch(torch.tensor([[k, k + 1]])) for k in range(6)]
+    assert table.started.wait(WAIT_S)
+    table.gate.set()
+    for k, rows in enumerate(pending):
+        assert torch.equal(rows.result(torch.tensor([[k, k + 1]])).values, table.weight[[k, k + 1]])
+    assert table.most_in_flight == 1
+    assert table.log == [(event, k) for k in range(6) for event in ("start", "end")]
+
+
+def test_queues_given_explicitly_keep_their_order_across_tables():
+    """Callers that need one order over several tables (as collectives do) give them one queue."""
+    order: list[int] = []
+    tables = [HostTable(10, 2, seed=k) for k in range(4)]
+
+    def fetch_of(k: int):
+        def fetch(indices):
+            order.append(k)
+            return tables[k].fetch(indices)
+
+        return fetch
+
+    pending = [PendingRows(torch.tensor([k]), fetch_of(k), queue="shared") for k in range(4)]
+    for k, rows in enumerate(pending):
+        rows.result(torch.tensor([k]))
+    assert order == [0, 1, 2, 3]
+
+
+def test_a_training_table_advises_its_optimizer_state_pages_with_the_fetch(tmp_path, monkeypatch):
+    table = DiskTable(tmp_path / "t", 50_000, 8, init_std=0.1, seed=0, write_buffer_bytes=1 << 20)
+    table.row_state("exp_avg", (8,), torch.float32)
+    table.row_state("row_step", (), torch.int64)
+    rows = torch.arange(0, 50_000, 250)
+    table.write_state("exp_avg", rows[:10], torch.ones(10, 8))  # buffered: not read from the files later
+    advised: list[tuple[str, list[int]]] = []
+    will_need = TableFile.will_need
+
+    def recorded(self, r, **kw):
+        advised.append((self.path.name, r.tolist()))
+        return will_need(self, r, **kw)
+
+    monkeypatch.setattr(TableFile, "will_need", recorded)
+    table.eval()
+    table.fetch(rows)
+    assert [name for name, _ in advised] == ["weight.table"]  # inference: the optimizer state is not needed
+    advised.clear()
+    table.train()
+    fetched = table.fetch(rows)
+    assert torch.equal(fetched.values, table.read_rows(rows))
+    state = {name: r for name, r in advised if name != "weight.table"}
+    assert state == {"exp_avg.table": rows[10:].tolist(), "row_step.table": rows[10:].tolist()}
+    table.close()
