@@ -165,7 +165,7 @@ def test_placement_follows_the_reference_model(slots, ways):
         logical["exp_avg"][rows] = values
         displaced, through = reference.write(rows.tolist())
         # one write-back for the displaced rows (all arrays), one for the rows written through
-        assert sorted(sum(written_back, [])) == sorted(displaced + through)
+        assert sorted(row for call in written_back for row in call) == sorted(displaced + through)
         assert buffer.tags.tolist() == reference.rows
         assert buffer.stamps.tolist() == reference.stamps
         probe = torch.randperm(num_rows, generator=generator)[:50]
@@ -186,8 +186,10 @@ def test_a_working_set_that_fits_its_sets_is_never_written_back():
     slot_bytes = 16 + 16
     counts = {}
     for ways in (1, 16):
-        rows_written = []
-        buffer = WriteBuffer(backing, slots * slot_bytes, lambda rows: rows_written.append(rows.numel()), ways=ways)
+        rows_written: list[int] = []
+        buffer = WriteBuffer(
+            backing, slots * slot_bytes, lambda rows, out=rows_written: out.append(rows.numel()), ways=ways
+        )
         per_set = torch.bincount(buffer.set_of(working), minlength=buffer.num_sets)
         fits = bool((per_set <= buffer.ways).all())
         for step in range(5):
