@@ -16,6 +16,13 @@ are never taken from a row of the same call: when a set has fewer free or older 
 brings new rows to it, the rows beyond them (in the call's order) are written straight to the file.
 Reads never change the buffer (the prefetch thread reads through it).
 
+Rows displaced from their set, and rows for which their set had no slot, go to an overflow list
+(a 64th of the buffer's rows, sorted by row id) rather than to the files; when it is full, all its
+rows are written back together. Every row written back since a checkpoint costs a journal record
+and an fsync first, so writing a few displaced rows per step would cost an fsync per step; the list
+turns that into one per few hundred steps when only a few rows per step do not fit their sets. A
+row in the list stays there (reads and writes find it) until the list is written back.
+
 Why set-associative with LRU: a direct-mapped buffer (one slot per row) cannot keep two rows of one
 slot, so even when it is twice as large as everything a corpus touches, about a third of those rows
 collide and evict each other on every step. With 16 ways, a set overflows only when the rows in use
@@ -29,19 +36,32 @@ runs: the disk table journals the old values there, so the file only changes in 
 journal can reverse; rows still in the buffer at a crash are simply lost, which is what rolling back
 to the last checkpoint wants anyway.
 
-Shapes: R rows of the table; G sets of W ways (S = G * W slots, slot = set * W + way); U distinct
-rows of a call.
+Shapes: R rows of the table; G sets of W ways (S = G * W slots, slot = set * W + way); O rows of
+the overflow list (at most ``overflow_capacity``); U distinct rows of a call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 EMPTY = -1
 WAYS = 16  # slots per set: overflow is rare at half load, and a lookup compares 16 tags per row
+OVERFLOW_SHARE = 64  # 1/64 of the buffer's rows is the overflow list
 _NEVER = -1  # the stamp of an empty slot: older than any write, so empty slots are claimed first
+
+
+class _Found(NamedTuple):
+    """Where the rows (U,) of a call are: in a set's slot, in the overflow list, or only in the files."""
+
+    sets: torch.Tensor  # (U,) the set of each row
+    positions: torch.Tensor  # (H,) positions of the rows held in a slot, ascending
+    slots: torch.Tensor  # (H,) their slots
+    over_positions: torch.Tensor  # (V,) positions of the rows in the overflow list, ascending
+    over_index: torch.Tensor  # (V,) their index in the list
+    missing: torch.Tensor  # (M,) positions of the rows in neither, ascending
 
 
 class WriteBuffer:
@@ -49,14 +69,16 @@ class WriteBuffer:
 
     Args:
         arrays: name -> backing tensor (R, ...) (memory-mapped); every array has the same R.
-        capacity_bytes: memory for the slots (each slot holds one row of every array plus an int64 tag
-            and an int64 stamp).
+        capacity_bytes: memory for the rows (each holds one row of every array plus an int64 tag and an
+            int64 stamp), shared by the sets' slots and the overflow list.
         before_write_back: called with the rows (U,) about to be written into the backing arrays.
         write_rows: ``write_rows(name, rows, values)`` writes rows (ascending) into a backing array
             (default: ``index_copy_``; a disk table writes its files with ``pwrite``).
         read_rows: ``read_rows(name, rows)`` reads rows (U,) of a backing array as (U, ...) (default:
             ``index_select``; a disk table checks them against their checksums).
         ways: slots per set (fewer when the buffer holds fewer slots; 1 is a direct-mapped buffer).
+        overflow_rows: rows of the overflow list (None: a 64th of the rows the capacity holds; 0: none,
+            displaced rows are written back at once).
     """
 
     def __init__(
@@ -67,14 +89,20 @@ class WriteBuffer:
         write_rows: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
         read_rows: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
         ways: int = WAYS,
+        overflow_rows: int | None = None,
     ):
         if ways < 1:
             raise ValueError(f"a write buffer needs at least one way per set, got ways={ways}")
         self.arrays = dict(arrays)
         slot_bytes = 16 + sum(array[0].numel() * array.element_size() for array in self.arrays.values())
-        slots = int(capacity_bytes) // slot_bytes
+        rows = int(capacity_bytes) // slot_bytes
+        self.overflow_capacity = rows // OVERFLOW_SHARE if overflow_rows is None else int(overflow_rows)
+        slots = rows - self.overflow_capacity
         if slots < 1:
-            raise ValueError(f"a write buffer of {capacity_bytes} bytes holds no row; give at least {slot_bytes}")
+            raise ValueError(
+                f"a write buffer of {capacity_bytes} bytes holds no row in its sets; give at least "
+                f"{slot_bytes * (1 + max(0, self.overflow_capacity))}"
+            )
         self.ways = min(int(ways), slots)
         self.num_sets = slots // self.ways
         self.num_slots = self.num_sets * self.ways
@@ -84,90 +112,108 @@ class WriteBuffer:
         self.tags = torch.full((self.num_sets, self.ways), EMPTY, dtype=torch.long)  # (G, W) row in each slot
         self.stamps = torch.full((self.num_sets, self.ways), _NEVER, dtype=torch.long)  # (G, W) clock of its last write
         self.clock = 0
-        self._placement = 0  # changes whenever a row enters or leaves: ``_find``'s memo is then stale
-        self._memo: tuple | None = None  # (rows, rows._version, _placement, sets, positions, slots) of the last find
         self.data = {name: array.new_empty(self.num_slots, *array.shape[1:]) for name, array in self.arrays.items()}
+        self.overflow_rows = torch.empty(0, dtype=torch.long)  # (O,) ascending
+        self.overflow = {name: array.new_empty(0, *array.shape[1:]) for name, array in self.arrays.items()}
+        self._placement = 0  # changes whenever a row enters or leaves a place: ``_find``'s memo is then stale
+        self._memo: tuple | None = None  # (rows, rows._version, _placement, _Found) of the last find
 
     @property
     def buffered_rows(self) -> int:
-        return int((self.tags != EMPTY).sum())
+        return int((self.tags != EMPTY).sum()) + self.overflow_rows.numel()
 
     def set_of(self, rows: torch.Tensor) -> torch.Tensor:
         """The set (U,) each of ``rows`` (U,) belongs to."""
         return rows % self.num_sets
 
     def buffered(self) -> torch.Tensor:
-        """The rows held in the buffer, ascending (for tests and reports)."""
+        """The rows held in the buffer (sets and overflow list), ascending (for tests and reports)."""
         tags = self.tags.reshape(-1)
-        return tags[tags != EMPTY].sort().values
+        return torch.cat([tags[tags != EMPTY], self.overflow_rows]).sort().values
 
-    def _find(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Where ``rows`` (U,) are buffered: (sets (U,), positions (H,) of the buffered ones, ascending, slots (H,)).
+    def _find(self, rows: torch.Tensor) -> _Found:
+        """Where ``rows`` (U,) are.
 
         An optimizer step reads and writes every array of the same rows tensor (eight calls for
         Adam), so the answer for the last rows tensor is kept while neither it (``_version``) nor the
-        buffer's placement changes: the (U, W) tag comparison then runs once per step, not per call.
+        buffer's placement changes: the (U, W) tag comparison then runs once or twice per step.
         """
         memo = self._memo
         if memo is not None and memo[0] is rows and memo[1] == rows._version and memo[2] == self._placement:
-            return memo[3], memo[4], memo[5]
+            return memo[3]
         sets = self.set_of(rows)
         # (U, W) tag comparison; a row sits in at most one way of its set, so each position matches once
         positions, ways = torch.nonzero(self.tags[sets] == rows.unsqueeze(1), as_tuple=True)
         slots = sets[positions] * self.ways + ways
-        self._memo = (rows, rows._version, self._placement, sets, positions, slots)
-        return sets, positions, slots
+        over_positions = over_index = torch.empty(0, dtype=torch.long)
+        count = self.overflow_rows.numel()
+        if count:
+            index = torch.searchsorted(self.overflow_rows, rows).clamp_(max=count - 1)
+            over_positions = (self.overflow_rows[index] == rows).nonzero().squeeze(1)
+            over_index = index[over_positions]
+        missing = torch.empty(0, dtype=torch.long)
+        if positions.numel() + over_positions.numel() < rows.numel():
+            mask = torch.ones(rows.numel(), dtype=torch.bool)
+            mask[positions] = False
+            mask[over_positions] = False
+            missing = mask.nonzero().squeeze(1)
+        found = _Found(sets, positions, slots, over_positions, over_index, missing)
+        self._memo = (rows, rows._version, self._placement, found)
+        return found
 
     def read(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows (U,) of array ``name``: (U, ...), the buffered ones from the buffer."""
-        _, positions, slots = self._find(rows)
-        if positions.numel() == rows.numel():  # all buffered (positions is then 0..U-1)
-            return self.data[name].index_select(0, slots)
-        if positions.numel() == 0:
+        found = self._find(rows)
+        data = self.data[name]
+        if found.positions.numel() == rows.numel():  # all in slots (positions is then 0..U-1)
+            return data.index_select(0, found.slots)
+        if found.missing.numel() == rows.numel():
             return self.read_rows(name, rows)
-        missing = self._missing(rows, positions)
-        out = self.data[name].new_empty(rows.numel(), *self.data[name].shape[1:])
-        out.index_copy_(0, positions, self.data[name].index_select(0, slots))
-        # only rows not buffered touch the file
-        out.index_copy_(0, missing, self.read_rows(name, rows.index_select(0, missing)))
+        out = data.new_empty(rows.numel(), *data.shape[1:])
+        out.index_copy_(0, found.positions, data.index_select(0, found.slots))
+        out.index_copy_(0, found.over_positions, self.overflow[name].index_select(0, found.over_index))
+        if found.missing.numel():  # only rows not buffered touch the file
+            out.index_copy_(0, found.missing, self.read_rows(name, rows.index_select(0, found.missing)))
         return out
-
-    def _missing(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """The positions (U - H,) of ``rows`` (U,) not among ``positions`` (H,) (not buffered), ascending; kept
-        with ``_find``'s memo, since a step reads every array of the same rows before it writes them."""
-        memo = self._memo
-        if memo is not None and memo[0] is rows and memo[4] is positions and len(memo) > 6:
-            return memo[6]
-        mask = torch.ones(rows.numel(), dtype=torch.bool)
-        mask[positions] = False
-        missing = mask.nonzero().squeeze(1)
-        if memo is not None and memo[0] is rows and memo[4] is positions:
-            self._memo = (*memo, missing)
-        return missing
 
     def write(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Set rows (U,) distinct of array ``name`` to ``values`` (U, ...)."""
         self.clock += 1
-        sets, positions, slots = self._find(rows)
-        self.stamps.view(-1)[slots] = self.clock
+        found = self._find(rows)
+        self.stamps.view(-1)[found.slots] = self.clock
         data = self.data[name]
-        if positions.numel() == rows.numel():  # all buffered: the usual case once a step's rows are claimed
-            data.index_copy_(0, slots, values.to(data.dtype))
+        values = values.to(data.dtype)
+        if found.positions.numel() == rows.numel():  # all in slots: the usual case once a step's rows are claimed
+            data.index_copy_(0, found.slots, values)
             return
-        into = torch.full((rows.numel(),), -1, dtype=torch.long)  # the slot each row's value goes to, -1: the file
-        into[positions] = slots
-        newcomers = (into < 0).nonzero().squeeze(1)  # (N,) in the call's order
-        won, won_slots = self._place(sets[newcomers])
-        winners = newcomers[won]
-        self._claim(rows[winners], won_slots)
-        into[winners] = won_slots
-        losers = newcomers[~won]
-        if losers.numel():
-            self._write_back_rows(rows[losers], {name: values[losers]})
-        kept = (into >= 0).nonzero().squeeze(1)
-        data.index_copy_(0, into[kept], values[kept].to(data.dtype))
-        # the rows' places after the claim, for the calls of the same step that follow
-        self._memo = (rows, rows._version, self._placement, sets, kept, into[kept])
+        data.index_copy_(0, found.slots, values.index_select(0, found.positions))
+        self.overflow[name].index_copy_(0, found.over_index, values.index_select(0, found.over_positions))
+        if found.missing.numel():
+            self._claim(name, rows.index_select(0, found.missing), values.index_select(0, found.missing), found)
+
+    def _claim(self, name: str, rows: torch.Tensor, values: torch.Tensor, found: _Found) -> None:
+        """Bring rows (N,) that are not buffered into the buffer, with ``values`` (N, ...) of array ``name``.
+
+        Their other arrays are read from the files first (a failed read changes nothing). Rows that
+        get a slot displace its row to the overflow list; rows that get none go to the list themselves.
+        """
+        won, won_slots = self._place(found.sets.index_select(0, found.missing))
+        loaded = {other: self.read_rows(other, rows) for other in self.arrays if other != name}
+        loaded[name] = values
+        winners, losers = won.nonzero().squeeze(1), (~won).nonzero().squeeze(1)
+        tags, stamps = self.tags.view(-1), self.stamps.view(-1)
+        victims = tags[won_slots]
+        occupied = (victims != EMPTY).nonzero().squeeze(1)
+        victim_slots = won_slots[occupied]
+        out_rows = torch.cat([victims[occupied], rows[losers]])
+        out_values = {n: torch.cat([self.data[n][victim_slots], loaded[n][losers]]) for n in self.arrays}
+        for n, data in self.data.items():
+            data[won_slots] = loaded[n][winners].to(data.dtype)
+        tags[won_slots] = rows[winners]
+        stamps[won_slots] = self.clock
+        self._placement += 1
+        if out_rows.numel():
+            self._to_overflow(out_rows, out_values)
 
     def _place(self, new_sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots for newcomers of sets ``new_sets`` (N,), in the call's order: (won (N,) bool, winners' slots (M,)).
@@ -189,19 +235,29 @@ class WriteBuffer:
         ways = order[group_of[won], rank[won]]
         return won, groups[group_of[won]] * self.ways + ways
 
-    def _claim(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """Put rows (U,) into distinct free or displaceable ``slots`` (U,), writing back the rows they displace."""
-        loaded = {name: self.read_rows(name, rows) for name in self.arrays}  # first: a failed read changes nothing
-        tags, stamps = self.tags.view(-1), self.stamps.view(-1)
-        victims = tags[slots]
-        occupied = victims != EMPTY
-        if bool(occupied.any()):
-            victim_slots = slots[occupied]
-            self._write_back_rows(victims[occupied], {name: data[victim_slots] for name, data in self.data.items()})
-        for name, values in loaded.items():
-            self.data[name][slots] = values
-        tags[slots] = rows
-        stamps[slots] = self.clock
+    def _to_overflow(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Put rows (K,), in no slot and not in the list, with ``values`` (name -> (K, ...)) into the overflow list.
+
+        A full list is written back first; rows that do not fit even in an empty one go to the files.
+        """
+        if self.overflow_rows.numel() + rows.numel() > self.overflow_capacity:
+            self._write_back_overflow()
+        if rows.numel() > self.overflow_capacity:
+            self._write_back_rows(rows, values)
+            return
+        self.overflow_rows, order = torch.cat([self.overflow_rows, rows]).sort()
+        for name, value in values.items():
+            self.overflow[name] = torch.cat([self.overflow[name], value.to(self.overflow[name].dtype)])[order]
+        self._placement += 1
+
+    def _write_back_overflow(self) -> None:
+        if self.overflow_rows.numel():
+            self._write_back_rows(self.overflow_rows, self.overflow)
+        self._clear_overflow()
+
+    def _clear_overflow(self) -> None:
+        self.overflow_rows = self.overflow_rows[:0]
+        self.overflow = {name: value[:0] for name, value in self.overflow.items()}
         self._placement += 1
 
     def _write_back_rows(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
@@ -215,12 +271,14 @@ class WriteBuffer:
         """Write every buffered row back and empty the buffer (before a flush of the files)."""
         tags = self.tags.view(-1)
         slots = (tags != EMPTY).nonzero().squeeze(1)
-        if slots.numel():
-            self._write_back_rows(tags[slots], {name: data[slots] for name, data in self.data.items()})
+        if slots.numel() or self.overflow_rows.numel():
+            rows = torch.cat([tags[slots], self.overflow_rows])
+            values = {name: torch.cat([data[slots], self.overflow[name]]) for name, data in self.data.items()}
+            self._write_back_rows(rows, values)  # one journal record for all of them
         self.discard()
 
     def discard(self) -> None:
         """Forget every buffered row without writing it (after a rollback)."""
         self.tags.fill_(EMPTY)
         self.stamps.fill_(_NEVER)
-        self._placement += 1
+        self._clear_overflow()
