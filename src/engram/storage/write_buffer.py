@@ -138,8 +138,8 @@ class WriteBuffer:
         Adam), so the answer for the last rows tensor is kept while neither it (``_version``) nor the
         buffer's placement changes: the (U, W) tag comparison then runs once or twice per step.
         """
-        memo = self._memo
-        if memo is not None and memo[0] is rows and memo[1] == rows._version and memo[2] == self._placement:
+        memo, placement = self._memo, self._placement  # the placement this answer is about, read first
+        if memo is not None and memo[0] is rows and memo[1] == rows._version and memo[2] == placement:
             return memo[3]
         sets = self.set_of(rows)
         # (U, W) tag comparison; a row sits in at most one way of its set, so each position matches once
@@ -158,7 +158,7 @@ class WriteBuffer:
             mask[over_positions] = False
             missing = mask.nonzero().squeeze(1)
         found = _Found(sets, positions, slots, over_positions, over_index, missing)
-        self._memo = (rows, rows._version, self._placement, found)
+        self._memo = (rows, rows._version, placement, found)
         return found
 
     def read(self, name: str, rows: torch.Tensor) -> torch.Tensor:
