@@ -10,18 +10,19 @@ It holds whole rows (every array of the table: the weight and each optimizer sta
 set-associative buffer: row ``r`` belongs to set ``r % num_sets`` (row ids are hash outputs, so the
 modulo spreads them) and may occupy any of that set's ``ways`` slots. A write stamps the slots of
 its rows with a clock that advances once per ``write`` call; a row that is not buffered claims the
-least recently written slot of its set (empty slots first, ties to the lower way), loading all its
-arrays from the file, and the row it displaces is written back. Slots stamped by the current call
+least recently written slot of its set (empty slots first, ties to the lower way), loading its
+other arrays from the file, and displaces the row that held it. Slots stamped by the current call
 are never taken from a row of the same call: when a set has fewer free or older slots than the call
-brings new rows to it, the rows beyond them (in the call's order) are written straight to the file.
-Reads never change the buffer (the prefetch thread reads through it).
+brings new rows to it, the rows beyond them (in the call's order) get no slot. Reads never change
+the buffer (the prefetch thread reads through it).
 
-Rows displaced from their set, and rows for which their set had no slot, go to an overflow list
-(a 64th of the buffer's rows, sorted by row id) rather than to the files; when it is full, all its
-rows are written back together. Every row written back since a checkpoint costs a journal record
-and an fsync first, so writing a few displaced rows per step would cost an fsync per step; the list
-turns that into one per few hundred steps when only a few rows per step do not fit their sets. A
-row in the list stays there (reads and writes find it) until the list is written back.
+Displaced rows, and rows that got no slot, go to an overflow list (a 64th of the buffer's rows,
+sorted by row id) rather than to the files; when it is full, all its rows are written back together
+(rows that would not fit even in an empty list go straight to the files). Every row written back
+since a checkpoint costs a journal record and an fsync first, so writing a few displaced rows per
+step would cost an fsync per step; the list turns that into one per few hundred steps when only a
+few rows per step do not fit their sets. A row in the list stays there (reads and writes find it)
+until the list is written back.
 
 Why set-associative with LRU: a direct-mapped buffer (one slot per row) cannot keep two rows of one
 slot, so even when it is twice as large as everything a corpus touches, about a third of those rows
