@@ -12,7 +12,8 @@ cache lines that another one's step just touched:
 - ``host``, prefetch on / off: rows gathered from a CPU tensor, in a background thread while layer 0
   computes (on), or when layer 1 asks for them (off).
 - ``disk warm``, prefetch on / off: memory-mapped files whose pages are in the page cache (written
-  and flushed before timing), with the default 64 MiB write-back buffer per table; and, prefetch on,
+  and flushed before timing; the optimizer-state files, created as sparse zeros, read once), with
+  the default 64 MiB write-back buffer per table; and, prefetch on,
   with no write buffer (``write_buffer_mb=0``: every optimizer update goes to the files), with the
   row checksums not verified on read (``verify_rows=False``; they are still written), and with
   table files of format 1 (made before row checksums existed: nothing written, nothing verified),
@@ -392,6 +393,7 @@ class Bench:
             eval_every=0,
             checkpoint_every=0,
         )
+        cold = {variant.key for variant in self.variants if variant.cold}
         for key, model in self.models.items():
             self.trainers[key] = Trainer(model, config, self.tokens, out_dir=None, progress=False)
             # A checkpoint at step 0, as a run past its first checkpoint has: from now on the undo
@@ -400,6 +402,12 @@ class Bench:
                 if isinstance(table, DiskTable):
                     table.prepare_checkpoint(0)
                     table.commit_checkpoint(0)
+            # The optimizer just created its state files (sparse zeros): a warm configuration has their
+            # pages in the page cache too, as the device and host tiers have their zeroed state in RAM.
+            if key not in cold:
+                for table in model.engram_tables():
+                    for table_file in table_files(table):
+                        table_file.warm_page_cache()
 
     def warm_steps(self, workload: str) -> int:
         return self.args.inference_steps if workload == "inference" else self.args.steps
@@ -804,15 +812,16 @@ def buffer_note(bench: Bench, total_rows: int) -> str:
     if not buffers:
         return ""
     slots = sum(buffer.num_slots for buffer in buffers.values())
-    shared = 0
+    overflow = 0  # corpus rows beyond the ways of their set: the most the buffer cannot keep at once
     for layer, buffer in buffers.items():
-        _, counts = torch.unique(bench.corpus_row_ids[layer] % buffer.num_slots, return_counts=True)
-        shared += int(counts[counts > 1].sum())
+        _, counts = torch.unique(buffer.set_of(bench.corpus_row_ids[layer]), return_counts=True)
+        overflow += int((counts - buffer.ways).clamp(min=0).sum())
+    ways = next(iter(buffers.values())).ways
     note = (
         f" The write-back buffer ({variant.storage.write_buffer_mb:g} MiB per table) holds {slots:,} rows (weight "
-        f"and optimizer state), {slots / total_rows:.1f}x the rows the whole corpus touches; being direct-mapped "
-        f"(slot = row mod slots), it cannot keep two rows of one slot, and {shared / total_rows:.1%} of the "
-        "corpus's rows share their slot with another of them"
+        f"and optimizer state), {slots / total_rows:.1f}x the rows the whole corpus touches, in sets of {ways} "
+        f"(set = row mod sets, the least recently written row of a set leaves first); {overflow / total_rows:.2%} "
+        "of the corpus's rows do not fit in their set"
     )
     written = variant.rows_written_back.get("training")
     if written is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram.storage.journal import JournalError, UndoJournal
+from engram.storage.journal import JournalError, SavedRows, UndoJournal
 from engram.storage.table_file import TableFile
 
 R, D = 20, 4
@@ -299,3 +299,43 @@ def test_refusals_at_construction(tmp_path, arrays):
     with pytest.raises(JournalError, match="non-empty dict"):
         UndoJournal(tmp_path / "j", {})
     assert not (tmp_path / "j").exists()
+
+
+def test_saved_rows_bitmap_matches_a_set():
+    """The journal's bitmap of saved rows against a plain Python set, with rows sharing bytes and the last row."""
+    num_rows = 37  # not a multiple of 8: the last byte is partly used
+    saved, reference = SavedRows(num_rows), set()
+    assert saved.bits.numel() == 5  # one bit per row
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        rows = torch.randint(0, num_rows, (int(torch.randint(1, 12, (1,), generator=generator)),), generator=generator)
+        rows = torch.cat([rows, torch.tensor([num_rows - 1])])
+        assert saved.contains(rows).tolist() == [int(r) in reference for r in rows]
+        new = torch.unique(rows[~saved.contains(rows)])  # as protect() adds them: distinct, not yet saved
+        saved.add(new)
+        reference.update(new.tolist())
+        assert saved.contains(torch.arange(num_rows)).tolist() == [r in reference for r in range(num_rows)]
+        if len(reference) > 30:
+            saved.clear()
+            reference.clear()
+
+
+def test_after_a_crash_the_rebuilt_bitmap_saves_each_row_once(tmp_path, arrays):
+    journal = UndoJournal(tmp_path / "j", arrays.tensors)
+    committed = arrays.snapshot()
+    protect_and_write(journal, arrays, list(range(8)), new_rows=8)  # a whole byte of the bitmap
+    protect_and_write(journal, arrays, [8, 19, 0], new_rows=2)  # 19: the last row, in the last byte
+    journal.close()
+
+    restarted = UndoJournal(tmp_path / "j", arrays.tensors)  # a new process: the bitmap comes from the records
+    assert restarted.rollback() == 10
+    assert arrays.equals(committed)
+    assert restarted.pending_rows == 10
+    # rows saved before the crash are not saved again; their neighbours in the same bytes are
+    protect_and_write(restarted, arrays, [3, 9, 19, 18, 8], new_rows=2)
+    assert restarted.pending_rows == 12
+    assert restarted.rollback() == 12
+    assert arrays.equals(committed)
+    restarted.commit()
+    protect_and_write(restarted, arrays, [3, 19], new_rows=2)  # a commit empties the bitmap
+    restarted.close()

@@ -19,7 +19,14 @@ import torch
 
 from engram.storage import DeviceTable, DiskTable, HostTable, shard_ranges
 from engram.storage import init as table_init
-from engram.storage.table_file import TableFile, TableFileError
+from engram.storage.table_file import (
+    DATA_OFFSET,
+    TableFile,
+    TableFileError,
+    _slot_bytes,
+    record_layout,
+    row_checksums,
+)
 from tests.test_row_checksums import reference_checksums
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -438,3 +445,80 @@ def test_format_1_files_open_read_and_write_without_checksums(tmp_path):
     with TableFile.open(path) as table:
         expected[3] = 1.0
         assert torch.equal(table.tensor, expected)
+
+
+def _write_row_by_row(table_file: TableFile, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """The documented record layout written one ``pwrite`` per row: the reference for ``write_rows``."""
+    values = values.to(table_file.dtype).contiguous().view(-1, table_file.dim)
+    item = values.element_size()
+    checksummed = table_file.version >= 2
+    checksum_at, size = record_layout(table_file.dim * item, item, checksummed=checksummed)
+    sums = row_checksums(values)
+    for row, value, checksum in zip(rows.tolist(), values, sums, strict=True):
+        record = bytearray(size)
+        record[: table_file.dim * item] = value.view(torch.uint8).numpy().tobytes()
+        if checksummed:
+            record[checksum_at : checksum_at + 4] = struct.pack("<i", int(checksum))
+        os.pwrite(table_file._file.fileno(), bytes(record), DATA_OFFSET + row * size)
+
+
+@pytest.mark.parametrize(
+    ("dim", "dtype"), [(16, torch.float32), (5, torch.bfloat16), (1, torch.int64), (64, torch.float32)]
+)
+def test_write_rows_in_spans_gives_the_bytes_of_one_write_per_row(tmp_path, dim, dtype):
+    """Rows closer than a page share one pwrite with the gap's bytes rewritten: the files must not differ."""
+    num_rows = 20_000
+    kwargs = {"init_std": 1.0, "seed": 3} if dtype.is_floating_point else {}
+    spans = TableFile.create(tmp_path / "spans.table", num_rows, dim, dtype, **kwargs)
+    single = TableFile.create(tmp_path / "single.table", num_rows, dim, dtype, **kwargs)
+    generator = torch.Generator().manual_seed(4)
+    gap_rows = 4096 // spans.record_bytes  # the gap (in rows) at which spans stop merging, and around it
+    for _ in range(12):
+        # runs, gaps just under and over a page, far-apart rows, and the first and last rows
+        steps = torch.tensor([1, 1, gap_rows - 1, gap_rows, gap_rows + 1, gap_rows + 2, 7, 300])
+        picks = steps[torch.randint(0, steps.numel(), (400,), generator=generator)]
+        rows = torch.cumsum(picks, 0) + int(torch.randint(0, 50, (1,), generator=generator))
+        rows = torch.unique(torch.cat([rows[rows < num_rows], torch.tensor([0, num_rows - 1])]))
+        rows = rows[torch.randperm(rows.numel(), generator=generator)]  # any order
+        if dtype.is_floating_point:
+            values = torch.randn(rows.numel(), dim, generator=generator).to(dtype)
+        else:
+            values = torch.randint(-(2**40), 2**40, (rows.numel(), dim), generator=generator)
+        spans.write_rows(rows, values)
+        _write_row_by_row(single, rows, values)
+    spans.flush()
+    single.flush()
+    assert (tmp_path / "spans.table").read_bytes()[DATA_OFFSET:] == (tmp_path / "single.table").read_bytes()[
+        DATA_OFFSET:
+    ]
+    assert spans.verify().intact
+    spans.close()
+    single.close()
+
+
+def test_write_rows_in_spans_of_a_format_1_file(tmp_path):
+    """Files without checksums (records of the row alone) are written in spans too."""
+    num_rows, dim = 5000, 8
+    paths = [tmp_path / "a.table", tmp_path / "b.table"]
+    for path in paths:
+        header = json.dumps(
+            {"num_rows": num_rows, "dim": dim, "dtype": "float32", "metadata": {}},
+            sort_keys=True,
+            separators=(",", ":"),
+        ).encode()
+        with open(path, "wb") as f:
+            f.write(_slot_bytes(header, 1, 1) + _slot_bytes(header, 0, 1))
+            f.truncate(DATA_OFFSET + num_rows * dim * 4)
+    spans, single = (TableFile.open(path, writable=True) for path in paths)
+    assert spans.version == 1
+    generator = torch.Generator().manual_seed(5)
+    everything = torch.randn(num_rows, dim, generator=generator)  # so that the gaps hold something other than zeros
+    for table_file in (spans, single):
+        _write_row_by_row(table_file, torch.arange(num_rows), everything)
+    rows = torch.unique(torch.randint(0, num_rows, (900,), generator=generator))
+    values = torch.randn(rows.numel(), dim, generator=generator)
+    spans.write_rows(rows, values)
+    _write_row_by_row(single, rows, values)
+    spans.close()
+    single.close()
+    assert paths[0].read_bytes() == paths[1].read_bytes()

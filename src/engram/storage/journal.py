@@ -14,6 +14,9 @@ File layout (little-endian)::
              then for each array in sorted name order its n rows (raw bytes of its dtype),
              then SHA-256 of the record's preceding bytes
 
+Which rows the journal holds is kept in memory as a bitmap, one bit per row (``SavedRows``):
+it is not part of the file, and ``rollback()`` rebuilds it from the records.
+
 Only the last record can be torn by a crash (records are appended one at a time, each fsynced
 before any row it protects is written), so a damaged record with nothing valid after it is
 ignored, and a damaged record followed by valid ones is refused.
@@ -53,6 +56,38 @@ def _raw_bytes(values: torch.Tensor) -> bytes:
     return values.contiguous().view(torch.uint8).numpy().tobytes()
 
 
+class SavedRows:
+    """A set of row ids in [0, num_rows) as a bitmap: bit ``r % 8`` of byte ``r // 8`` is row ``r``.
+
+    One bit per row, so the journal's record of what it holds costs R / 8 bytes of memory (14 MiB
+    for 113 M rows) instead of a byte per row.
+    """
+
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+        self.bits = torch.zeros((num_rows + 7) // 8, dtype=torch.uint8)  # (ceil(R / 8),)
+
+    @staticmethod
+    def _bit(rows: torch.Tensor) -> torch.Tensor:
+        """Each row's bit within its byte, (U,) uint8."""
+        return torch.bitwise_left_shift(torch.ones(rows.numel(), dtype=torch.uint8), (rows & 7).to(torch.uint8))
+
+    def contains(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U,) bool: which of ``rows`` (U,) int64 are in the set."""
+        return (self.bits[rows >> 3] & self._bit(rows)) != 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """Add ``rows`` (U,) int64, distinct and none of them in the set yet.
+
+        Rows sharing a byte have distinct bits none of which is set, so adding their bits into the
+        byte (``index_add_``, which sums repeated indices) is the bitwise or of them.
+        """
+        self.bits.index_add_(0, rows >> 3, self._bit(rows))
+
+    def clear(self) -> None:
+        self.bits.zero_()
+
+
 class UndoJournal:
     """Undo log for ``arrays`` (name -> CPU tensor, all with the same first dimension R).
 
@@ -87,7 +122,7 @@ class UndoJournal:
                 for name, t in self._arrays.items()
             },
         }
-        self._saved = torch.zeros(self.num_rows, dtype=torch.bool)  # rows whose commit values are in the journal
+        self._saved = SavedRows(self.num_rows)  # rows whose commit values are in the journal
         self._pending = 0
 
         self._fd = -1
@@ -173,7 +208,7 @@ class UndoJournal:
             raise JournalError(f"{self.path}: an earlier append failed and could not be undone; {self._broken}")
         rows = as_id_tensor(rows, "rows", ndim=1).cpu()
         check_id_range(rows, 0, self.num_rows, "rows", f" of the {self.num_rows}-row arrays")
-        new = torch.unique(rows[~self._saved[rows]])
+        new = torch.unique(rows[~self._saved.contains(rows)])
         if new.numel() == 0:
             return
         record = bytearray(_RECORD_PREFIX.pack(RECORD_MAGIC, VERSION, new.numel()))
@@ -194,7 +229,7 @@ class UndoJournal:
                 self._broken = f"the journal ends in a partial record ({e}); restart and call rollback()"
             raise
         self._end += len(record)
-        self._saved[new] = True
+        self._saved.add(new)
         self._pending += new.numel()
 
     def commit(self) -> None:
@@ -209,7 +244,7 @@ class UndoJournal:
         else:  # records of other arrays: start over with this journal's header
             self._write_header()
         self._needs_rollback = False
-        self._saved.zero_()
+        self._saved.clear()
         self._pending = 0
         self._broken = ""  # a partial record left by a failed append is gone with the rest
 
@@ -235,7 +270,7 @@ class UndoJournal:
         records, valid_end = self._scan()
         if valid_end < self._end:
             self._truncate(valid_end)  # drop the torn tail, so that new records follow valid ones
-        restored = torch.zeros(self.num_rows, dtype=torch.bool)
+        restored: list[torch.Tensor] = []  # the row ids of each record
         with open(self.path, "rb") as f:
             for offset, n in reversed(records):  # oldest last: its values are the commit-time ones
                 f.seek(offset + _RECORD_PREFIX.size)
@@ -249,9 +284,14 @@ class UndoJournal:
                         values = torch.frombuffer(body, dtype=array.dtype, count=n * array[0].numel(), offset=pos)
                         array[ids] = values.view(n, *array.shape[1:])
                         pos += n * row_bytes
-                restored[ids] = True
-        self._saved = restored
-        self._pending = int(restored.sum())
+                restored.append(ids.clone())
+        self._saved.clear()
+        if restored:
+            rows = torch.unique(torch.cat(restored))  # distinct: each row is saved once, but be sure
+            self._saved.add(rows)
+            self._pending = rows.numel()
+        else:
+            self._pending = 0
         self._needs_rollback = False
         return self._pending
 

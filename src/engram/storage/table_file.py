@@ -85,6 +85,8 @@ PAGE_BYTES = mmap.PAGESIZE
 # the page cache, all of its pages are advised WILLNEED before the gather.
 ADVISE_MIN_ROWS = 64
 RESIDENCY_SAMPLES = 32
+_GAP_BYTES = 4096  # rows written closer than a page apart share one pwrite (TableFile._write_spans)
+_WRITE_CHUNK_ROWS = 8192  # rows per batch of spans: bounds the copy of the gaps (8192 pages at most)
 
 
 class TableFileError(ValueError):
@@ -305,6 +307,7 @@ class TableFile:
             # torch warns that a read-only array gives a tensor it cannot protect; the mapping itself does
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
             records = torch.from_numpy(array.reshape(self.num_rows, self.record_bytes))  # (R, S) bytes
+        self._records: torch.Tensor | None = records  # the file's row records, as mapped
         self._tensor: torch.Tensor | None = records[:, : self.row_bytes].view(self.dtype)  # (R, dim)
         self._checksums: torch.Tensor | None = None
         self._probe_residency = hasattr(os, "RWF_NOWAIT")  # cleared if the filesystem refuses the probe
@@ -581,27 +584,60 @@ class TableFile:
         return True
 
     def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Write rows (U,) (distinct; sorted rows merge into fewer writes) with values (U, dim), and their checksums.
+        """Write rows (U,) (distinct, any order) with values (U, dim), and their checksums.
 
-        Each run of consecutive rows is one ``pwrite`` of their records (row and checksum); the mapping
-        sees the new values at once (one page cache). Storing rows into the mapping instead would mark
-        whole cached chunks of the file dirty (the kernel may cache a file in blocks much larger than a
-        page), so that writing back a few scattered rows rewrites megabytes.
+        The rows are written in ascending order, one ``pwrite`` per span of rows whose gaps are
+        shorter than a page (``_write_spans``); the mapping sees the new values at once (one page
+        cache). Storing rows into the mapping instead would mark whole cached chunks of the file dirty
+        (the kernel may cache a file in blocks much larger than a page), so that writing back a few
+        scattered rows rewrites megabytes.
         """
         if not self.writable:
             raise TableFileError(f"{self.path} is open read-only; open it with writable=True to write rows")
         data = values.to(device="cpu", dtype=self.dtype).contiguous().view(-1, self.dim)
+        rows = rows.reshape(-1).cpu()
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            rows, order = rows.sort()
+            data = data[order]
         if self._checksums is None:  # format 1: a record is the row
-            records = data.view(torch.uint8)
+            records = data.view(torch.uint8).view(-1, self.record_bytes)
         else:
             records = _records(data, self._checksum_at, self.record_bytes)
-        raw = records.numpy()
-        for start, end, first in _runs(rows.reshape(-1).cpu()):
-            self._pwrite(raw[start:end], DATA_OFFSET + first * self.record_bytes)
+        for start in range(0, rows.numel(), _WRITE_CHUNK_ROWS):  # bounds the copy of the gaps' bytes
+            self._write_spans(rows[start : start + _WRITE_CHUNK_ROWS], records[start : start + _WRITE_CHUNK_ROWS])
 
-    def _pwrite(self, data: np.ndarray, offset: int) -> None:
-        """Write all of ``data`` (C-contiguous) at byte ``offset`` of the file."""
-        view = memoryview(data).cast("B")
+    def _write_spans(self, rows: torch.Tensor, records: torch.Tensor) -> None:
+        """Write ``records`` (U, S) uint8 of ascending distinct ``rows`` (U,), one ``pwrite`` per span.
+
+        A span is a run of rows in which each gap (rows not written) is shorter than ``_GAP_BYTES``, a
+        page: its bytes are copied from the mapping and written back unchanged around the new records.
+        A gap shorter than a page contains no whole page, so its bytes lie in the pages of the records
+        on either side, which the write dirties anyway: the span dirties the same pages as one write
+        per row, with fewer system calls (rows a few records apart, as a checkpoint's write-back of
+        many rows has them, share one). Rewriting bytes with the values they hold changes nothing a
+        crash could tear; only this process writes the file, so they cannot change in between.
+        """
+        size = self.record_bytes
+        count = rows.numel()
+        breaks = ((rows[1:] - rows[:-1] - 1) * size >= _GAP_BYTES).nonzero().squeeze(1) + 1
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), breaks])  # (P,) first position of each span
+        members = torch.diff(torch.cat([starts, torch.tensor([count])]))  # (P,) new records per span
+        firsts = rows[starts]
+        lengths = rows[starts + members - 1] - firsts + 1  # (P,) records spanned, gaps included
+        offsets = torch.cumsum(lengths, 0) - lengths  # (P,) each span's first record in the buffer
+        if int(lengths.sum()) == count:  # no gaps: the spans are runs of consecutive rows
+            buffer = records
+        else:
+            shift = torch.repeat_interleave(firsts - offsets, lengths)  # (T,) row id - buffer position, per span
+            buffer = self._records.index_select(0, torch.arange(shift.numel()) + shift)  # (T, S) what the file holds
+            buffer[rows - torch.repeat_interleave(firsts - offsets, members)] = records
+        raw = memoryview(buffer.contiguous().numpy()).cast("B")
+        file_at = (DATA_OFFSET + firsts * size).tolist()  # per span: where it goes, where it is in raw, bytes
+        for at, begin, length in zip(file_at, (offsets * size).tolist(), (lengths * size).tolist(), strict=True):
+            self._pwrite(raw[begin : begin + length], at)
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        """Write all of the bytes ``view`` at byte ``offset`` of the file."""
         while view:  # pwrite may write less than asked
             written = os.pwrite(self._file.fileno(), view, offset)
             view, offset = view[written:], offset + written
@@ -662,6 +698,19 @@ class TableFile:
         self._slot, self._seq = slot, self._seq + 1
         self._metadata = json.loads(header)["metadata"]
 
+    def warm_page_cache(self, chunk_bytes: int = _CHUNK_BYTES) -> None:
+        """Read the whole file once, sequentially (``pread``), so that its pages are in the page cache
+        (for warm-cache benchmarks).
+
+        A new optimizer-state file is sparse: until then its pages enter the cache one fault at a
+        time, when the optimizer first reads a row there (a major fault, though nothing is read from
+        the disk), which a warm table's rows do not pay. Memory is bounded by ``chunk_bytes``.
+        """
+        size = os.fstat(self._file.fileno()).st_size
+        buffer = bytearray(max(1, min(chunk_bytes, size)))
+        for offset in range(0, size, len(buffer)):
+            self._pread(buffer, min(len(buffer), size - offset), offset)
+
     def evict_page_cache(self) -> None:
         """Flush, then ask the OS to drop this file's cached pages (for cold-cache benchmarks).
 
@@ -681,7 +730,7 @@ class TableFile:
         if self._mmap is None:
             return
         self.flush()
-        self._tensor = self._checksums = None
+        self._tensor = self._checksums = self._records = None
         with contextlib.suppress(BufferError):  # a caller still holds a view: the mapping goes away with it
             self._mmap.close()
         self._mmap = None

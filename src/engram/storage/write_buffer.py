@@ -1,46 +1,85 @@
 """A write-back buffer for the rows a sparse optimizer keeps rewriting in a memory-mapped table.
 
-Writing a 64-byte row into a mapped file dirties a whole 4 KiB page. Once the kernel has written
-that page back, the next store into it takes a write fault (and the filesystem's page bookkeeping),
-so an optimizer step that rewrites ten thousand rows scattered over a large file spends most of its
-time in the kernel, in every array it touches (weight, moments, step counts). Frequent n-grams are
-rewritten step after step, so keeping recently written rows in memory and writing them back only
-when their slot is needed, or at a checkpoint, removes most of that cost.
+Every row written to a table file costs a system call (``pwrite``) per array and dirties a 4 KiB
+page of each file it lands in; frequent n-grams are rewritten step after step. ``WriteBuffer``
+keeps recently written rows in memory and writes them to the files only when their place is needed
+for another row, or at ``write_back_all`` (a checkpoint), so that most updates never reach the
+files between checkpoints.
 
-``WriteBuffer`` holds whole rows (every array of the table: the weight and each optimizer state
-array) in a direct-mapped set of slots: row ``r`` lives in slot ``r % num_slots`` (row ids are hash
-outputs, so the modulo spreads them). A row enters its slot when first written, loading all its
-arrays from the file, and leaves it (written back) when another row claims the slot or at
-``write_back_all``. Reads consult the buffer first; rows that are not buffered, and the rows a
-claim loads, come from the ``read_rows`` callback (a disk table checks them against their
-checksums there, so a buffered row was checked once, when it entered). Before any row is written back,
-``before_write_back(rows)`` runs: the disk table journals the old values there, so the file only
-changes in ways the undo journal can reverse; rows still in the buffer at a crash are simply lost,
-which is what rolling back to the last checkpoint wants anyway.
+It holds whole rows (every array of the table: the weight and each optimizer state array) in a
+set-associative buffer: row ``r`` belongs to set ``r % num_sets`` (row ids are hash outputs, so the
+modulo spreads them) and may occupy any of that set's ``ways`` slots. A write stamps the slots of
+its rows with a clock that advances once per ``write`` call; a row that is not buffered claims the
+least recently written slot of its set (empty slots first, ties to the lower way), loading its
+other arrays from the file, and displaces the row that held it. Slots stamped by the current call
+are never taken from a row of the same call: when a set has fewer free or older slots than the call
+brings new rows to it, the rows beyond them (in the call's order) get no slot. Reads never change
+the buffer (the prefetch thread reads through it).
 
-Shapes: R rows of the table; S slots; U distinct rows of a call.
+Displaced rows, and rows that got no slot, go to an overflow list (a 64th of the buffer's rows,
+sorted by row id) rather than to the files; when it is full, all its rows are written back together
+(rows that would not fit even in an empty list go straight to the files). Every row written back
+since a checkpoint costs a journal record and an fsync first, so writing a few displaced rows per
+step would cost an fsync per step; the list turns that into one per few hundred steps when only a
+few rows per step do not fit their sets. A row in the list stays there (reads and writes find it)
+until the list is written back.
+
+Why set-associative with LRU: a direct-mapped buffer (one slot per row) cannot keep two rows of one
+slot, so even when it is twice as large as everything a corpus touches, about a third of those rows
+collide and evict each other on every step. With 16 ways, a set overflows only when the rows in use
+exceed its 16 slots, which at half load happens to a few sets in a thousand, and then the row
+evicted is the one written longest ago rather than whichever happened to share the slot.
+
+Reads consult the buffer first; rows that are not buffered, and the rows a claim loads, come from
+the ``read_rows`` callback (a disk table checks them against their checksums there, so a buffered
+row was checked once, when it entered). Before any row is written back, ``before_write_back(rows)``
+runs: the disk table journals the old values there, so the file only changes in ways the undo
+journal can reverse; rows still in the buffer at a crash are simply lost, which is what rolling back
+to the last checkpoint wants anyway.
+
+Shapes: R rows of the table; G sets of W ways (S = G * W slots, slot = set * W + way); O rows of
+the overflow list (at most ``overflow_capacity``); U distinct rows of a call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 EMPTY = -1
+WAYS = 16  # slots per set: overflow is rare at half load, and a lookup compares 16 tags per row
+OVERFLOW_SHARE = 64  # 1/64 of the buffer's rows is the overflow list
+_NEVER = -1  # the stamp of an empty slot: older than any write, so empty slots are claimed first
+
+
+class _Found(NamedTuple):
+    """Where the rows (U,) of a call are: in a set's slot, in the overflow list, or only in the files."""
+
+    sets: torch.Tensor  # (U,) the set of each row
+    positions: torch.Tensor  # (H,) positions of the rows held in a slot, ascending
+    slots: torch.Tensor  # (H,) their slots
+    over_positions: torch.Tensor  # (V,) positions of the rows in the overflow list, ascending
+    over_index: torch.Tensor  # (V,) their index in the list
+    missing: torch.Tensor  # (M,) positions of the rows in neither, ascending
 
 
 class WriteBuffer:
-    """Direct-mapped write-back buffer over the row arrays of one table, within ``capacity_bytes``.
+    """Set-associative (LRU) write-back buffer over the row arrays of one table, within ``capacity_bytes``.
 
     Args:
         arrays: name -> backing tensor (R, ...) (memory-mapped); every array has the same R.
-        capacity_bytes: memory for the slots (each slot holds one row of every array plus an int64 tag).
+        capacity_bytes: memory for the rows (each holds one row of every array plus an int64 tag and an
+            int64 stamp), shared by the sets' slots and the overflow list.
         before_write_back: called with the rows (U,) about to be written into the backing arrays.
-        write_rows: ``write_rows(name, rows, values)`` writes rows into a backing array (default:
-            ``index_copy_``; a disk table writes its files with ``pwrite``).
+        write_rows: ``write_rows(name, rows, values)`` writes rows (ascending) into a backing array
+            (default: ``index_copy_``; a disk table writes its files with ``pwrite``).
         read_rows: ``read_rows(name, rows)`` reads rows (U,) of a backing array as (U, ...) (default:
             ``index_select``; a disk table checks them against their checksums).
+        ways: slots per set (fewer when the buffer holds fewer slots; 1 is a direct-mapped buffer).
+        overflow_rows: rows of the overflow list (None: a 64th of the rows the capacity holds; 0: none,
+            displaced rows are written back at once).
     """
 
     def __init__(
@@ -50,86 +89,203 @@ class WriteBuffer:
         before_write_back: Callable[[torch.Tensor], None] = lambda rows: None,
         write_rows: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
         read_rows: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        ways: int = WAYS,
+        overflow_rows: int | None = None,
     ):
+        if ways < 1:
+            raise ValueError(f"a write buffer needs at least one way per set, got ways={ways}")
         self.arrays = dict(arrays)
-        slot_bytes = 8 + sum(array[0].numel() * array.element_size() for array in self.arrays.values())
-        self.num_slots = int(capacity_bytes) // slot_bytes
-        if self.num_slots < 1:
-            raise ValueError(f"a write buffer of {capacity_bytes} bytes holds no row; give at least {slot_bytes}")
+        slot_bytes = 16 + sum(array[0].numel() * array.element_size() for array in self.arrays.values())
+        rows = int(capacity_bytes) // slot_bytes
+        self.overflow_capacity = rows // OVERFLOW_SHARE if overflow_rows is None else int(overflow_rows)
+        slots = rows - self.overflow_capacity
+        if slots < 1:
+            raise ValueError(
+                f"a write buffer of {capacity_bytes} bytes holds no row in its sets; give at least "
+                f"{slot_bytes * (1 + max(0, self.overflow_capacity))}"
+            )
+        self.ways = min(int(ways), slots)
+        self.num_sets = slots // self.ways
+        self.num_slots = self.num_sets * self.ways
         self.before_write_back = before_write_back
         self.write_rows = write_rows or (lambda name, rows, values: self.arrays[name].index_copy_(0, rows, values))
         self.read_rows = read_rows or (lambda name, rows: self.arrays[name].index_select(0, rows))
-        self.tags = torch.full((self.num_slots,), EMPTY, dtype=torch.long)
+        self.tags = torch.full((self.num_sets, self.ways), EMPTY, dtype=torch.long)  # (G, W) row in each slot
+        self.stamps = torch.full((self.num_sets, self.ways), _NEVER, dtype=torch.long)  # (G, W) clock of its last write
+        self.clock = 0
         self.data = {name: array.new_empty(self.num_slots, *array.shape[1:]) for name, array in self.arrays.items()}
+        self.overflow_rows = torch.empty(0, dtype=torch.long)  # (O,) ascending
+        self.overflow = {name: array.new_empty(0, *array.shape[1:]) for name, array in self.arrays.items()}
+        self._placement = 0  # changes whenever a row enters or leaves a place: ``_find``'s memo is then stale
+        self._memo: tuple | None = None  # (rows, rows._version, _placement, _Found) of the last find
 
     @property
     def buffered_rows(self) -> int:
-        return int((self.tags != EMPTY).sum())
+        return int((self.tags != EMPTY).sum()) + self.overflow_rows.numel()
+
+    def set_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """The set (U,) each of ``rows`` (U,) belongs to."""
+        return rows % self.num_sets
+
+    def buffered(self) -> torch.Tensor:
+        """The rows held in the buffer (sets and overflow list), ascending (for tests and reports)."""
+        tags = self.tags.reshape(-1)
+        return torch.cat([tags[tags != EMPTY], self.overflow_rows]).sort().values
+
+    def _find(self, rows: torch.Tensor) -> _Found:
+        """Where ``rows`` (U,) are.
+
+        An optimizer step reads and writes every array of the same rows tensor (eight calls for
+        Adam), so the answer for the last rows tensor is kept while neither it (``_version``) nor the
+        buffer's placement changes: the (U, W) tag comparison then runs once or twice per step.
+        """
+        memo, placement = self._memo, self._placement  # the placement this answer is about, read first
+        if memo is not None and memo[0] is rows and memo[1] == rows._version and memo[2] == placement:
+            return memo[3]
+        sets = self.set_of(rows)
+        # (U, W) tag comparison; a row sits in at most one way of its set, so each position matches once
+        positions, ways = torch.nonzero(self.tags[sets] == rows.unsqueeze(1), as_tuple=True)
+        slots = sets[positions] * self.ways + ways
+        over_positions = over_index = torch.empty(0, dtype=torch.long)
+        count = self.overflow_rows.numel()
+        if count:
+            index = torch.searchsorted(self.overflow_rows, rows).clamp_(max=count - 1)
+            over_positions = (self.overflow_rows[index] == rows).nonzero().squeeze(1)
+            over_index = index[over_positions]
+        missing = torch.empty(0, dtype=torch.long)
+        if positions.numel() + over_positions.numel() < rows.numel():
+            mask = torch.ones(rows.numel(), dtype=torch.bool)
+            mask[positions] = False
+            mask[over_positions] = False
+            missing = mask.nonzero().squeeze(1)
+        found = _Found(sets, positions, slots, over_positions, over_index, missing)
+        self._memo = (rows, rows._version, placement, found)
+        return found
 
     def resident(self, rows: torch.Tensor) -> torch.Tensor:
-        """(U,) bool: which of ``rows`` (U,) are in the buffer."""
-        return self.tags[rows % self.num_slots] == rows
+        """(U,) bool: which of ``rows`` (U,) are in the buffer (its sets or its overflow list)."""
+        hit = torch.ones(rows.numel(), dtype=torch.bool)
+        hit[self._find(rows).missing] = False
+        return hit
 
     def read(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows (U,) of array ``name``: (U, ...), the buffered ones from the buffer."""
-        slots = rows % self.num_slots
-        hit = self.resident(rows)
-        if not bool(hit.any()):
+        found = self._find(rows)
+        data = self.data[name]
+        if found.positions.numel() == rows.numel():  # all in slots (positions is then 0..U-1)
+            return data.index_select(0, found.slots)
+        if found.missing.numel() == rows.numel():
             return self.read_rows(name, rows)
-        out = self.data[name].new_empty(rows.numel(), *self.data[name].shape[1:])
-        out[hit] = self.data[name][slots[hit]]
-        out[~hit] = self.read_rows(name, rows[~hit])  # only rows not buffered touch the file
+        out = data.new_empty(rows.numel(), *data.shape[1:])
+        out.index_copy_(0, found.positions, data.index_select(0, found.slots))
+        out.index_copy_(0, found.over_positions, self.overflow[name].index_select(0, found.over_index))
+        if found.missing.numel():  # only rows not buffered touch the file
+            out.index_copy_(0, found.missing, self.read_rows(name, rows.index_select(0, found.missing)))
         return out
 
     def write(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Set rows (U,) distinct of array ``name`` to ``values`` (U, ...)."""
-        slots = rows % self.num_slots
-        resident = self.tags[slots] == rows
-        # Rows not in the buffer claim their slot, unless a row of this call holds it; of several
-        # claiming one slot, the first wins. The others are written straight to the file.
-        newcomers = (~resident).nonzero().squeeze(1)
-        winners = newcomers.new_empty(0)
-        if newcomers.numel():
-            new_slots = slots[newcomers]
-            order = torch.arange(newcomers.numel())
-            first = torch.full((self.num_slots,), newcomers.numel(), dtype=torch.long)
-            first[slots[resident]] = -1  # held by a row of this call: nobody claims it
-            first.scatter_reduce_(0, new_slots, order, reduce="amin")
-            won = first[new_slots] == order
-            winners, losers = newcomers[won], newcomers[~won]
-            self._claim(rows[winners], slots[winners])
-            if losers.numel():
-                self._write_back_rows(rows[losers], {name: values[losers]})
-        buffered = resident.clone()
-        buffered[winners] = True
-        self.data[name][slots[buffered]] = values[buffered].to(self.data[name].dtype)
+        self.clock += 1
+        found = self._find(rows)
+        self.stamps.view(-1)[found.slots] = self.clock
+        data = self.data[name]
+        values = values.to(data.dtype)
+        if found.positions.numel() == rows.numel():  # all in slots: the usual case once a step's rows are claimed
+            data.index_copy_(0, found.slots, values)
+            return
+        data.index_copy_(0, found.slots, values.index_select(0, found.positions))
+        self.overflow[name].index_copy_(0, found.over_index, values.index_select(0, found.over_positions))
+        if found.missing.numel():
+            self._claim(name, rows.index_select(0, found.missing), values.index_select(0, found.missing), found)
 
-    def _claim(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """Put rows (U,) with distinct slots into the buffer, writing back the rows they displace."""
-        loaded = {name: self.read_rows(name, rows) for name in self.arrays}  # first: a failed read changes nothing
-        victims = self.tags[slots]
-        occupied = victims != EMPTY
-        if bool(occupied.any()):
-            victim_slots = slots[occupied]
-            self._write_back_rows(victims[occupied], {name: data[victim_slots] for name, data in self.data.items()})
-        for name, values in loaded.items():
-            self.data[name][slots] = values
-        self.tags[slots] = rows
+    def _claim(self, name: str, rows: torch.Tensor, values: torch.Tensor, found: _Found) -> None:
+        """Bring rows (N,) that are not buffered into the buffer, with ``values`` (N, ...) of array ``name``.
+
+        Their other arrays are read from the files first (a failed read changes nothing). Rows that
+        get a slot displace its row to the overflow list; rows that get none go to the list themselves.
+        """
+        won, won_slots = self._place(found.sets.index_select(0, found.missing))
+        loaded = {other: self.read_rows(other, rows) for other in self.arrays if other != name}
+        loaded[name] = values
+        winners, losers = won.nonzero().squeeze(1), (~won).nonzero().squeeze(1)
+        tags, stamps = self.tags.view(-1), self.stamps.view(-1)
+        victims = tags[won_slots]
+        occupied = (victims != EMPTY).nonzero().squeeze(1)
+        victim_slots = won_slots[occupied]
+        out_rows = torch.cat([victims[occupied], rows[losers]])
+        out_values = {n: torch.cat([self.data[n][victim_slots], loaded[n][losers]]) for n in self.arrays}
+        for n, data in self.data.items():
+            data[won_slots] = loaded[n][winners].to(data.dtype)
+        tags[won_slots] = rows[winners]
+        stamps[won_slots] = self.clock
+        self._placement += 1
+        if out_rows.numel():
+            self._to_overflow(out_rows, out_values)
+
+    def _place(self, new_sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots for newcomers of sets ``new_sets`` (N,), in the call's order: (won (N,) bool, winners' slots (M,)).
+
+        The k-th newcomer of a set takes the set's k-th slot in (stamp, way) order among those not
+        stamped by this call; newcomers beyond them get none.
+        """
+        groups, group_of = torch.unique(new_sets, return_inverse=True)  # (K,) sets involved, (N,)
+        # rank of each newcomer among the newcomers of its set, keeping the call's order (stable sort)
+        by_group = torch.sort(group_of, stable=True)
+        counts = torch.bincount(group_of, minlength=groups.numel())
+        starts = torch.cumsum(counts, 0) - counts  # (K,) first position of each group in by_group
+        rank = torch.empty_like(group_of)
+        rank[by_group.indices] = torch.arange(group_of.numel()) - starts[by_group.values]
+        stamps = self.stamps[groups]  # (K, W)
+        free = (stamps < self.clock).sum(1)  # (K,) slots not used by this call
+        order = torch.sort(stamps, dim=1, stable=True).indices  # (K, W) ways, least recently written first
+        won = rank < free[group_of]
+        ways = order[group_of[won], rank[won]]
+        return won, groups[group_of[won]] * self.ways + ways
+
+    def _to_overflow(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Put rows (K,), in no slot and not in the list, with ``values`` (name -> (K, ...)) into the overflow list.
+
+        A full list is written back first; rows that do not fit even in an empty one go to the files.
+        """
+        if self.overflow_rows.numel() + rows.numel() > self.overflow_capacity:
+            self._write_back_overflow()
+        if rows.numel() > self.overflow_capacity:
+            self._write_back_rows(rows, values)
+            return
+        self.overflow_rows, order = torch.cat([self.overflow_rows, rows]).sort()
+        for name, value in values.items():
+            self.overflow[name] = torch.cat([self.overflow[name], value.to(self.overflow[name].dtype)])[order]
+        self._placement += 1
+
+    def _write_back_overflow(self) -> None:
+        if self.overflow_rows.numel():
+            self._write_back_rows(self.overflow_rows, self.overflow)
+        self._clear_overflow()
+
+    def _clear_overflow(self) -> None:
+        self.overflow_rows = self.overflow_rows[:0]
+        self.overflow = {name: value[:0] for name, value in self.overflow.items()}
+        self._placement += 1
 
     def _write_back_rows(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Write rows (U,) distinct with ``values`` (name -> (U, ...)) to the backing arrays, in ascending row order."""
+        rows, order = rows.sort()  # ascending file offsets: consecutive rows merge into one write
         self.before_write_back(rows)
         for name, value in values.items():
-            self.write_rows(name, rows, value.to(self.arrays[name].dtype))
+            self.write_rows(name, rows, value[order].to(self.arrays[name].dtype))
 
     def write_back_all(self) -> None:
         """Write every buffered row back and empty the buffer (before a flush of the files)."""
-        slots = (self.tags != EMPTY).nonzero().squeeze(1)
-        if slots.numel():
-            rows, order = self.tags[slots].sort()  # ascending file offsets
-            slots = slots[order]
-            self._write_back_rows(rows, {name: data[slots] for name, data in self.data.items()})
-        self.tags.fill_(EMPTY)
+        tags = self.tags.view(-1)
+        slots = (tags != EMPTY).nonzero().squeeze(1)
+        if slots.numel() or self.overflow_rows.numel():
+            rows = torch.cat([tags[slots], self.overflow_rows])
+            values = {name: torch.cat([data[slots], self.overflow[name]]) for name, data in self.data.items()}
+            self._write_back_rows(rows, values)  # one journal record for all of them
+        self.discard()
 
     def discard(self) -> None:
         """Forget every buffered row without writing it (after a rollback)."""
         self.tags.fill_(EMPTY)
+        self.stamps.fill_(_NEVER)
+        self._clear_overflow()
