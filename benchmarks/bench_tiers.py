@@ -528,10 +528,13 @@ class Probe:
                     self.rows["buffer reads"] += args[2].numel()
                     self.rows["buffer hits"] += int(args[0].resident(args[2]).sum())
                 return function(*args, **kwargs)
-            if name == "write buffer claim":  # WriteBuffer._claim(self, rows, slots): rows entering
+            if name == "write buffer claim":  # WriteBuffer._claim(self, name, rows, values, found): rows entering
                 with self._lock:
-                    self.rows["buffer claims"] += args[1].numel()
-                    self.rows["buffer evictions"] += int((args[0].tags[args[2]] != -1).sum())
+                    self.rows["buffer claims"] += args[2].numel()
+                return function(*args, **kwargs)
+            if name == "write buffer overflow":  # WriteBuffer._to_overflow(self, rows, values): rows leaving a slot
+                with self._lock:  # (displaced by a newcomer, or a newcomer whose set is full)
+                    self.rows["buffer evictions"] += args[1].numel()
                 return function(*args, **kwargs)
             with self.timing(name):
                 return function(*args, **kwargs)
@@ -557,6 +560,7 @@ class Probe:
             (TableFile, "will_need", ADVISE),
             (WriteBuffer, "read", "write buffer read"),
             (WriteBuffer, "_claim", "write buffer claim"),
+            (WriteBuffer, "_to_overflow", "write buffer overflow"),
         ]
         targets = [target for target in targets if target[1] in target[0].__dict__]  # older sources lack some
         saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in targets]
@@ -794,7 +798,7 @@ def buffer_lines(bench: Bench, workload: str) -> list[str]:
         lines.append(
             f"- {v.name}: {counts.get('buffer hits', 0.0) / reads:.1%} of {reads:,.0f} row reads per step served from "
             f"the buffer; {counts.get('buffer claims', 0.0):,.0f} rows entered it per step, "
-            f"{counts.get('buffer evictions', 0.0):,.0f} of them displacing a buffered row "
+            f"{counts.get('buffer evictions', 0.0):,.0f} rows moved to its overflow list (displaced, or no slot) "
             f"({v.rows_written_back.get(workload, 0.0):,.0f} rows written back to the files per step)"
         )
     if not lines:
