@@ -170,14 +170,7 @@ def copy_saved_table(source: DiskTable, directory: Path, storage: StorageConfig)
             f"{directory} already holds a table; from_pretrained copies the saved tables into an empty "
             "storage.directory (or give none to open the saved ones read-only)"
         )
-    options = dict(
-        cache_bytes=storage.cache_bytes,
-        prefetch=storage.prefetch,
-        journal=storage.journal,
-        write_buffer_bytes=int(storage.write_buffer_mb * 2**20),
-        verify_rows=storage.verify_rows,
-    )
-    return DiskTable.from_tensors(directory, source.weight, **options)
+    return DiskTable.from_tensors(directory, source.weight, **storage.disk_options())
 
 
 def same_folder(a: str | os.PathLike | None, b: Path) -> bool:

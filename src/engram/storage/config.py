@@ -62,6 +62,16 @@ class StorageConfig(JsonConfig):
     def cache_bytes(self) -> int:
         return int(self.cache_mb * 2**20)
 
+    def disk_options(self) -> dict[str, object]:
+        """The ``DiskTable`` keyword arguments this config sets (cache, prefetch, journal, write buffer, row checks)."""
+        return {
+            "cache_bytes": self.cache_bytes,
+            "prefetch": self.prefetch,
+            "journal": self.journal,
+            "write_buffer_bytes": int(self.write_buffer_mb * 2**20),
+            "verify_rows": self.verify_rows,
+        }
+
     def layer_directory(self, layer_id: int) -> Path:
         """The disk tier's folder of layer ``layer_id``."""
         if self.directory is None:

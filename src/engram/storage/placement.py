@@ -149,13 +149,7 @@ def _local_table(
             **init,
         )
     else:
-        options = dict(
-            cache_bytes=storage.cache_bytes,
-            prefetch=storage.prefetch,
-            journal=storage.journal,
-            write_buffer_bytes=int(storage.write_buffer_mb * 2**20),
-            verify_rows=storage.verify_rows,
-        )
+        options = storage.disk_options()
         if rows is None:
             return DiskTable(directory, end - start, source.dim, dtype=dtype, **init, **options)
         if (directory / WEIGHT_FILE).exists():
