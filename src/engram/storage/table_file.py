@@ -85,7 +85,7 @@ PAGE_BYTES = mmap.PAGESIZE
 # the page cache, all of its pages are advised WILLNEED before the gather.
 ADVISE_MIN_ROWS = 64
 RESIDENCY_SAMPLES = 32
-_GAP_BYTES = 4096  # rows written closer than a page apart share one pwrite (TableFile._write_spans)
+_GAP_BYTES = PAGE_BYTES  # rows written closer than a page apart share one pwrite (TableFile._write_spans)
 _WRITE_CHUNK_ROWS = 8192  # rows per batch of spans: bounds the copy of the gaps (8192 pages at most)
 
 
