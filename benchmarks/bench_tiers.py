@@ -21,7 +21,14 @@ cache lines that another one's step just touched:
 - ``disk cold``: the table's files (weight and optimizer state) are dropped from the page cache
   before every step (``TableFile.evict_page_cache``, outside the timed region), prefetch on, no
   hot-row cache; and the same with a ``--cache-mb`` hot-row cache per table (its hit rate is
-  reported).
+  reported). Neither reads ahead: nothing of the step's batch is known before it.
+- ``disk cold, batch before``: dropped from the page cache, then the step of the batch before runs
+  (untimed), then the timed step; without and with read-ahead (``StorageConfig.read_ahead``: each
+  step announces the next batch, whose pages the kernel reads while the step computes). With
+  read-ahead the timed batch's rows were all out of the page cache when the step before began, one
+  step ahead, as in a stream of batches over a table much larger than memory; without it the
+  timed step still finds the rows it shares with the batch before cached, the control that
+  separates the read-ahead's effect from that sharing.
 
 Two workloads, each timed with every configuration: (a) inference, ``model.eval()`` forward under
 ``torch.no_grad()`` of a batch of real text (the model hashes it with its ``EngramIndexer``); (b) a
@@ -103,7 +110,8 @@ from engram.storage import table_file as table_file_module
 from engram.storage.config import LAYER_FOLDER
 from engram.storage.disk import verify_tables
 from engram.storage.journal import UndoJournal
-from engram.storage.table_file import DATA_OFFSET, TableFile, page_runs
+from engram.storage.prefetch import wait_for_background
+from engram.storage.table_file import DATA_OFFSET, PAGE_BYTES, TableFile, page_runs
 from engram.storage.write_buffer import WriteBuffer
 from engram.training import RowOptimizer, TrainConfig, Trainer, seed_everything
 
@@ -124,6 +132,7 @@ READ_WEIGHT = "read_rows: weight file"  # breakdown labels
 READ_STATE = "read_rows: state files"
 READ_PAGES = "pages of the weight file read"
 ADVISE = "will_need (probe + advise)"
+READ_AHEAD = "read-ahead of the next batch (background)"
 WRITE_BACK = "write buffer: write back to files"  # a breakdown label
 # what "disk-warm-on" (rows verified on read) is compared with, the configurations being otherwise the same
 CHECKSUM_BASELINES = {
@@ -140,6 +149,8 @@ CONFIG_KEYS = [
     "disk-warm-format1",
     "disk-cold",
     "disk-cold-cache",
+    "disk-cold-before",
+    "disk-cold-ahead",
 ]
 
 
@@ -293,6 +304,7 @@ class Variant:
     key: str
     storage: StorageConfig
     cold: bool = False
+    lead_in: bool = False  # the step of the batch before runs (untimed) after the drop, before the timed step
     format_1: bool = False  # the disk tables' files are of format 1 (no row checksums)
     times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     reads: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
@@ -313,7 +325,7 @@ def variants(root: Path, cache_mb: float) -> list[Variant]:
     def disk(key: str, **options) -> StorageConfig:
         return StorageConfig(tier="disk", directory=str(root / key), **options)
 
-    cached = disk("disk-cold-cache", cache_mb=cache_mb)
+    cached = disk("disk-cold-cache", cache_mb=cache_mb, read_ahead=False)
     return [
         Variant("device", "device", StorageConfig(tier="device")),
         Variant("host, prefetch on", "host-on", StorageConfig(tier="host")),
@@ -325,8 +337,22 @@ def variants(root: Path, cache_mb: float) -> list[Variant]:
             "disk warm, rows not verified", "disk-warm-unverified", disk("disk-warm-unverified", verify_rows=False)
         ),
         Variant("disk warm, no row checksums", "disk-warm-format1", disk("disk-warm-format1"), format_1=True),
-        Variant("disk cold, no row cache", "disk-cold", disk("disk-cold"), cold=True),
+        Variant("disk cold, no row cache", "disk-cold", disk("disk-cold", read_ahead=False), cold=True),
         Variant(f"disk cold, {cache_mb:g} MiB row cache", "disk-cold-cache", cached, cold=True),
+        Variant(
+            "disk cold, batch before, no read-ahead",
+            "disk-cold-before",
+            disk("disk-cold-before", read_ahead=False),
+            cold=True,
+            lead_in=True,
+        ),
+        Variant(
+            "disk cold, batch before, read-ahead",
+            "disk-cold-ahead",
+            disk("disk-cold-ahead"),
+            cold=True,
+            lead_in=True,
+        ),
     ]
 
 
@@ -362,16 +388,19 @@ class Bench:
             self.setup_seconds[variant.key] = time.perf_counter() - start
             self.log(f"built the {variant.key} model in {self.setup_seconds[variant.key]:.1f} s")
 
-    def prepare(self, variant: Variant) -> None:
-        """Drop a cold configuration's files from the page cache."""
+    def prepare(self, variant: Variant, step_fn: Callable[[Variant, int], None], step: int) -> None:
+        """Drop a cold configuration's files from the page cache; then, for a lead-in one, run the step before."""
         if variant.cold:
             evict(self.models[variant.key])
+        if variant.lead_in and step > 0:
+            step_fn(variant, step - 1)
 
     def infer(self, variant: Variant, step: int) -> None:
+        """An inference step on batch ``step``, announcing batch ``step + 1`` (read ahead where the tables do)."""
         model = self.models[variant.key]
         inputs, _ = self.windows.batch(step)
         with torch.no_grad():
-            model(inputs)
+            model(inputs, read_ahead=self.windows.batch(step + 1)[0])
 
     def train(self, variant: Variant, step: int) -> None:
         trainer = self.trainers[variant.key]
@@ -433,7 +462,7 @@ class Bench:
                     for cache in caches(self.models[variant.key]):
                         cache.reset_stats()
             for variant in group if i % 2 == 0 else reversed(group):
-                self.prepare(variant)
+                self.prepare(variant, step_fn, i)
                 read0, write0 = io_bytes()
                 minor0, major0 = page_faults()
                 start = time.perf_counter()
@@ -441,6 +470,7 @@ class Bench:
                 elapsed = time.perf_counter() - start
                 minor1, major1 = page_faults()
                 read1, write1 = io_bytes()
+                wait_for_background()  # the next batch's read-ahead, if any: done before the next configuration
                 if i >= warmup:
                     variant.times[label].append(elapsed)
                     variant.reads[label].append(read1 - read0)
@@ -463,9 +493,12 @@ class Bench:
             probe = Probe()
             with probe.installed():
                 for k in range(self.args.breakdown):
-                    self.prepare(variant)
+                    probe.enabled = False  # the lead-in step is not this step's
+                    self.prepare(variant, step_fn, first_step + k)
+                    probe.enabled = True
                     with probe.timing("whole step"):
                         step_fn(variant, first_step + k)
+                    wait_for_background()
             variant.breakdown[workload] = probe.per_step(self.args.breakdown)
             variant.rows_written_back[workload] = probe.rows_written_back / self.args.breakdown
             variant.counts[workload] = {key: n / self.args.breakdown for key, n in probe.rows.items()}
@@ -484,6 +517,28 @@ class Bench:
             per_batch.append(sum(torch.unique(batch[i] + e.offsets).numel() for i, e in engrams.items()))
         return total, statistics.median(per_batch)
 
+    def shared_with_batch_before(self) -> float:
+        """Median share of a timed cold step's distinct weight-file pages that the batch before it also reads."""
+        model = next((self.models[v.key] for v in self.variants if v.lead_in), None)
+        if model is None:
+            return 0.0
+        engrams = model.engram_layers()
+
+        def pages(step: int) -> set[tuple[int, int]]:
+            hashed = self.indexer(self.windows.batch(step)[0])
+            found = set()
+            for i, engram in engrams.items():
+                record = engram.table.weight_file.record_bytes
+                first_pages = (DATA_OFFSET + torch.unique(hashed[i] + engram.offsets) * record) // PAGE_BYTES
+                found.update((i, page) for page in first_pages.tolist())
+            return found
+
+        shares = []
+        for step in range(self.args.warmup, self.args.warmup + self.args.cold_steps):
+            now = pages(step)
+            shares.append(len(now & pages(step - 1)) / len(now))
+        return statistics.median(shares)
+
 
 # -- breakdown timers ----------------------------------------------------------------------------------------
 
@@ -496,6 +551,7 @@ class Probe:
         self.calls: dict[str, int] = defaultdict(int)
         self.rows_written_back = 0
         self.rows: dict[str, int] = defaultdict(int)  # rows per counter (file reads, write buffer)
+        self.enabled = True  # False: the wrapped methods run untimed and uncounted
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -512,6 +568,8 @@ class Probe:
     def _wrap(self, function: Callable, label: str) -> Callable:
         @functools.wraps(function)
         def timed(*args, **kwargs):
+            if not self.enabled:
+                return function(*args, **kwargs)
             name = label
             if label == WRITE_BACK:  # WriteBuffer._write_back_rows(self, rows, values)
                 self.rows_written_back += args[1].numel()
@@ -558,6 +616,7 @@ class Probe:
             (table_file_module, "row_checksums", "row checksums (reads and writes)"),
             (TableFile, "read_rows", "read_rows"),
             (TableFile, "will_need", ADVISE),
+            (DiskTable, "_will_need", READ_AHEAD),
             (WriteBuffer, "read", "write buffer read"),
             (WriteBuffer, "_claim", "write buffer claim"),
             (WriteBuffer, "_to_overflow", "write buffer overflow"),
@@ -710,6 +769,7 @@ BREAKDOWN_ORDER = [
     WRITE_BACK,
     "row checksums (reads and writes)",
     ADVISE,
+    READ_AHEAD,
     READ_WEIGHT,
     READ_STATE,
 ]
@@ -784,6 +844,12 @@ def cold_lines(
         return []
     rates = ", ".join(f"{key} {rate.per_second:,.0f}" for key, rate in limit.items())
     head = f"**Cold fetch against the disk** (random 4 KiB reads/s in the same folder: {rates}):" if limit else ""
+    if any(v.lead_in for v in bench.variants):
+        lines.append(
+            f"- A timed cold step's batch shares {bench.shared_with_batch_before():.1%} of its distinct weight-file "
+            "pages with the batch before it (median): those are cached after the step before, with or without "
+            "read-ahead."
+        )
     return [head or "**Cold fetch** (disk limit not measured):", "", *lines, ""]
 
 
@@ -793,7 +859,8 @@ def buffer_lines(bench: Bench, workload: str) -> list[str]:
     for v in bench.variants:
         counts = v.counts.get(workload, {})
         reads = counts.get("buffer reads", 0.0)
-        if not reads:
+        moved = [counts.get(key, 0.0) for key in ("buffer hits", "buffer claims", "buffer evictions")]
+        if not reads or (not any(moved) and not v.rows_written_back.get(workload)):  # an empty buffer, only read past
             continue
         lines.append(
             f"- {v.name}: {counts.get('buffer hits', 0.0) / reads:.1%} of {reads:,.0f} row reads per step served from "

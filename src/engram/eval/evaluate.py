@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain, pairwise
 
 import numpy as np
 import torch
@@ -60,9 +61,12 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     nats, count, n_bytes = 0.0, 0, 0
+    reads_ahead = engram_enabled and model.reads_ahead()  # disk tables: the next batch's rows during this one
     try:
-        for inputs, targets in sequential_windows(tokens, batch_size, seq_len, max_batches):
-            logits = model(inputs.to(device), engram_enabled=engram_enabled).logits
+        windows = sequential_windows(tokens, batch_size, seq_len, max_batches)
+        for (inputs, targets), following in pairwise(chain(windows, [None])):  # each batch with the next
+            ahead = following[0].to(device) if reads_ahead and following is not None else None
+            logits = model(inputs.to(device), engram_enabled=engram_enabled, read_ahead=ahead).logits
             model_targets = model.to_model_ids(targets.to(device)).flatten()  # trimmed vocabularies
             nats += F.cross_entropy(logits.float().flatten(0, 1), model_targets, reduction="sum").item()
             count += targets.numel()

@@ -130,7 +130,7 @@ def open_saved_table(folder: Path, layer_id: int, plain: DeviceTable, storage: S
     """Layer ``layer_id``'s saved disk table, memory-mapped read-only (nothing is read until looked up).
 
     ``plain`` is the table the config builds (its shape is what the file must hold); ``storage`` gives
-    the row dtype and the lookup options (hot-row cache, prefetch, row checks).
+    the row dtype and the lookup options (hot-row cache, prefetch, read-ahead, row checks).
 
     Raises:
         OSError: the folder has no table for the layer.
@@ -150,6 +150,7 @@ def open_saved_table(folder: Path, layer_id: int, plain: DeviceTable, storage: S
             dtype=DTYPES[storage.dtype],
             cache_bytes=storage.cache_bytes,
             prefetch=storage.prefetch,
+            read_ahead=storage.read_ahead,
             journal=False,
             writable=False,
             verify_rows=storage.verify_rows,

@@ -23,6 +23,7 @@ table alone, Y = (sum_n e_n - (N-1) h) / N with e_n (B, T, d) order n's rows).
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 
 import torch
 from torch import nn
@@ -141,6 +142,11 @@ class Engram(nn.Module):
         that have nothing to prefetch.
         """
         return self.table.prefetch(hash_ids + self.offsets)
+
+    def read_ahead(self, hash_ids: torch.Tensor) -> Future | None:
+        """Start bringing the table rows of a later batch's ``hash_ids`` (B, T, H) into memory (a hint:
+        ``TableStorage.read_ahead``); None for tiers that keep their rows in memory."""
+        return self.table.read_ahead(hash_ids + self.offsets)
 
     def forward(
         self,

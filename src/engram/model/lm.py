@@ -20,6 +20,7 @@ hyper-connections, the head) acts on each position alone and needs no state.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -220,6 +221,12 @@ class EngramLM(nn.Module):
         check_id_range(input_ids, 0, n_ids, name, hint)
         return input_ids
 
+    def _checked_ids(self, input_ids: torch.Tensor, check_ids: bool, name: str = "input_ids") -> torch.Tensor:
+        """``check_input_ids`` if values are checked (``checks_values(check_ids)``), else the shape check only."""
+        if checks_values(check_ids):
+            return self.check_input_ids(input_ids, name)
+        return self._check_input_shape(input_ids, name)
+
     @staticmethod
     def _check_input_shape(input_ids: torch.Tensor, name: str) -> torch.Tensor:
         input_ids = as_id_tensor(input_ids, name, ndim=2)
@@ -262,6 +269,28 @@ class EngramLM(nn.Module):
     def engram_tables(self) -> list[TableStorage]:
         """The Engram tables, in layer order (what the sparse row optimizer updates)."""
         return [engram.table for engram in self.engram_layers().values()]
+
+    def reads_ahead(self) -> bool:
+        """Whether ``read_ahead`` has anything to do: some Engram table is of a tier that reads ahead (disk)."""
+        return any(table.reads_ahead for table in self.engram_tables())
+
+    def read_ahead(self, input_ids: torch.Tensor, check_ids: bool = True) -> list[Future]:
+        """Start bringing the Engram rows of a later batch ``input_ids`` (B, T) into memory, in the background.
+
+        Hashes the batch and hands each Engram layer's row indices to its table's ``read_ahead``:
+        disk tables ask the kernel for the rows' file pages, so that the batch's own forward pass
+        finds them in the page cache (other tiers do nothing, and then nothing is hashed). A hint
+        only: no result changes. ``forward(..., read_ahead=next_ids)`` calls this once the current
+        batch's rows are queued, which is where it helps most. Returns the tables' background tasks.
+        """
+        engrams = {i: e for i, e in self.engram_layers().items() if e.table.reads_ahead}
+        if not engrams:
+            return []
+        if self.indexer is None:
+            raise ValueError("reading Engram rows ahead needs the model's indexer: build it with indexer=...")
+        hash_ids = self.indexer(self._checked_ids(input_ids, check_ids, "read_ahead"), check_ids=False)
+        tasks = (engram.read_ahead(hash_ids[i]) for i, engram in engrams.items())
+        return [task for task in tasks if task is not None]
 
     def moe_layers(self) -> list[MoE]:
         """The MoE FFNs, in layer order (read from the blocks, not ``modules()``: a compiled forward
@@ -327,6 +356,7 @@ class EngramLM(nn.Module):
         state: DecodeState | None = None,
         output_hidden_states: bool = False,
         check_ids: bool = True,
+        read_ahead: torch.Tensor | None = None,
     ) -> LMOutput:
         """Logits over model ids (and loss) for ``input_ids`` (B, T).
 
@@ -351,11 +381,15 @@ class EngramLM(nn.Module):
                 prompt); shapes and dtypes are always checked. Value checks are also skipped while
                 ``torch.compile`` traces the model; ``engram.set_debug_checks(True)`` turns every
                 check (the inner ones too) back on.
+            read_ahead: the next batch's ids (B', T'), if known: once this batch's rows are queued,
+                ``read_ahead(read_ahead)`` starts reading the next batch's rows of disk tables into
+                the page cache while this batch computes. No result changes; not with ``state``.
         """
-        if checks_values(check_ids):
-            input_ids = self.check_input_ids(input_ids)
-        else:
-            input_ids = self._check_input_shape(input_ids, "input_ids")
+        input_ids = self._checked_ids(input_ids, check_ids)
+        if read_ahead is not None:
+            if state is not None:
+                raise ValueError("read_ahead is for whole batches, not decoding steps: pass no read_ahead with a state")
+            read_ahead = self._checked_ids(read_ahead, check_ids, "read_ahead")
         check_hash_ids = check_ids and hash_ids is not None  # computed by the indexer, they are in range
         engrams = self.engram_layers() if engram_enabled else {}
         if state is not None:
@@ -377,6 +411,8 @@ class EngramLM(nn.Module):
         # the device are read while the layers in front compute (a no-op for device tables). Sharded
         # tables start their collective exchange here, in layer order on every rank.
         prefetched = {i: engram.prefetch(hash_ids[i]) for i, engram in engrams.items()}
+        if read_ahead is not None and engrams:  # queued after this batch's fetches: they go first
+            self.read_ahead(read_ahead, check_ids=False)
         caches = [None] * len(self.blocks) if state is None else state.blocks
         for i, (block, cache) in enumerate(zip(self.blocks, caches, strict=True)):
             h = block(h, hash_ids[i] if i in engrams else None, cache, prefetched.get(i), check_hash_ids)

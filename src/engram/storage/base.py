@@ -1,6 +1,7 @@
 """The three interfaces of an Engram table: what the layer sees, what a row optimizer updates, durability.
 
-- ``TableStorage``: the table an Engram layer looks rows up in (``lookup``, ``prefetch``), with its
+- ``TableStorage``: the table an Engram layer looks rows up in (``lookup``, ``prefetch``,
+  ``read_ahead``), with its
   shape, dtype and home device, the public (checked) ``read_rows``/``write_rows``, and the gradient
   of the rows looked up since the last step (``take_row_grad``, ``zero_row_grad``). Every tier is
   one, and so is a table sharded across processes (``ShardedTable``).
@@ -29,6 +30,8 @@ from torch import nn
 from engram._checks import as_id_tensor, check_id_range
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from engram.storage.prefetch import PendingRows
 
 
@@ -37,7 +40,7 @@ class TableStorage(nn.Module, ABC):
 
     Subclasses implement ``lookup``, ``read_rows``, ``write_rows``, ``take_row_grad``,
     ``zero_row_grad``, ``local_shard``, ``dtype`` and ``home_device``; tiers off the device also
-    override ``prefetch``.
+    override ``prefetch``, and the disk tier ``read_ahead``.
     """
 
     def __init__(self, num_rows: int, dim: int):
@@ -67,6 +70,21 @@ class TableStorage(nn.Module, ABC):
 
     def prefetch(self, indices: torch.Tensor) -> PendingRows | None:
         """Start fetching the rows of ``indices`` in the background; None where there is nothing to gain."""
+        return None
+
+    @property
+    def reads_ahead(self) -> bool:
+        """Whether ``read_ahead`` does anything for this table (only tiers whose rows may not be in memory)."""
+        return False
+
+    def read_ahead(self, indices: torch.Tensor) -> Future | None:
+        """Start bringing the rows of a later lookup of ``indices`` (any shape) into memory; a hint only.
+
+        Nothing is read for the lookup and nothing is kept for it, so the lookup returns the same
+        values, however the table changes in between (an optimizer step): a disk table asks the kernel
+        to read the rows' file pages into the page cache. Returns the background task (None when
+        there is nothing to do; tiers whose rows are in memory always return None).
+        """
         return None
 
     def forward(self, indices: torch.Tensor, prefetched: PendingRows | None = None) -> torch.Tensor:

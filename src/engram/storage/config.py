@@ -30,6 +30,9 @@ class StorageConfig(JsonConfig):
         cache_mb: hot-row cache per table in MiB (host and disk tiers; 0 disables it).
         prefetch: fetch each layer's rows in a background thread as soon as a batch is known (a sharded
             table starts its rows exchange then, from the main thread).
+        read_ahead: disk tier: when the next batch is known (the trainer and ``evaluate`` announce
+            it), ask the kernel for its rows' file pages while the current batch computes. A hint to
+            the page cache: results are the same either way.
         journal: disk tier: keep an undo journal so a crash between checkpoints can be rolled back.
         write_buffer_mb: disk tier: memory per table for rows the optimizer rewrites, written back to
             the files when displaced or at a checkpoint (0: every update goes to the files at once).
@@ -46,6 +49,7 @@ class StorageConfig(JsonConfig):
     directory: str | None = None
     cache_mb: float = 0.0
     prefetch: bool = True
+    read_ahead: bool = True
     journal: bool = True
     write_buffer_mb: float = 64.0
     dtype: str = "float32"
@@ -63,10 +67,12 @@ class StorageConfig(JsonConfig):
         return int(self.cache_mb * 2**20)
 
     def disk_options(self) -> dict[str, object]:
-        """The ``DiskTable`` keyword arguments this config sets (cache, prefetch, journal, write buffer, row checks)."""
+        """The ``DiskTable`` keyword arguments this config sets (cache, prefetch, read-ahead, journal, write buffer,
+        row checks)."""
         return {
             "cache_bytes": self.cache_bytes,
             "prefetch": self.prefetch,
+            "read_ahead": self.read_ahead,
             "journal": self.journal,
             "write_buffer_bytes": int(self.write_buffer_mb * 2**20),
             "verify_rows": self.verify_rows,

@@ -26,6 +26,8 @@ half-written one.
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from engram.storage.base import Durable
 from engram.storage.init import draw_seed
 from engram.storage.journal import UndoJournal
 from engram.storage.offload import OffloadedTable
+from engram.storage.prefetch import run_after_fetches, wait_for_background
 from engram.storage.table_file import ADVISE_MIN_ROWS, RowCheck, TableFile, TableFileError
 from engram.storage.write_buffer import WriteBuffer
 
@@ -64,6 +67,8 @@ class DiskTable(OffloadedTable, Durable):
             drawn from torch's global generator).
         cache_bytes: hot-row cache size in bytes (0: none).
         prefetch: fetch rows in a background thread when the model announces a batch.
+        read_ahead: ``read_ahead`` (a later batch's rows) asks the kernel for their file pages in the
+            background; False: it does nothing.
         journal: keep an undo journal so that a crash between checkpoints can be rolled back;
             without it a table changed after its last checkpoint cannot be restored.
         write_buffer_bytes: memory for the write-back buffer of rows the optimizer rewrites
@@ -86,6 +91,7 @@ class DiskTable(OffloadedTable, Durable):
         dtype: torch.dtype | None = None,
         cache_bytes: int = 0,
         prefetch: bool = True,
+        read_ahead: bool = True,
         journal: bool = True,
         writable: bool = True,
         write_buffer_bytes: int = 0,
@@ -122,6 +128,7 @@ class DiskTable(OffloadedTable, Durable):
         self.weight_file = weight_file
         self.writable = writable
         self.verify_rows = verify_rows
+        self.read_ahead_enabled = read_ahead
         super().__init__(weight_file.tensor, cache_bytes=cache_bytes, prefetch=prefetch)
         self._state_files: dict[str, TableFile] = {}
         for path in sorted(self.directory.glob(f"*{STATE_SUFFIX}")):
@@ -230,6 +237,43 @@ class DiskTable(OffloadedTable, Durable):
         if rows.numel() >= ADVISE_MIN_ROWS:
             for state_file in self._state_files.values():
                 state_file.will_need(rows)
+
+    @property
+    def reads_ahead(self) -> bool:
+        return self.read_ahead_enabled
+
+    def read_ahead(self, indices: torch.Tensor) -> Future | None:
+        """Ask the kernel for the file pages of the rows of ``indices`` (any shape), in the background.
+
+        For the batch after the current one: its pages are read while this batch computes, so that
+        its fetch finds them in the page cache (``TableFile.will_need``). Rows in the write-back
+        buffer or the hot-row cache need no pages and are left out; a table in training mode also
+        asks for the rows' optimizer-state pages. The task runs after the fetches already queued for
+        this table (the current batch's rows first) and reads nothing into engram's memory, so the
+        later lookup returns the same values with or without it. Returns the task, whose result
+        says whether any pages were asked for (not for fewer than ``ADVISE_MIN_ROWS`` rows: a few
+        page faults cost less), or None when read-ahead is off.
+        """
+        if not self.read_ahead_enabled:
+            return None
+        rows = self.check_rows(indices.detach().reshape(-1).cpu())
+        if self._buffer is not None:  # read on this thread, the one whose optimizer steps change the buffer
+            rows = torch.unique(rows)
+            rows = rows[~self._buffer.resident(rows)]
+        return run_after_fetches(self, functools.partial(self._will_need, rows, self.training))
+
+    def _will_need(self, rows: torch.Tensor, training: bool) -> bool:
+        """Advise the pages of ``rows`` (any order, repeats allowed) that the hot-row cache lacks: weight, and
+        optimizer state if ``training``. True if it asked for any."""
+        rows = torch.unique(rows)
+        if self.cache is not None:  # the cache changes only in this table's fetches, which this runs between
+            rows = rows[~self.cache.holds(rows)]
+        if rows.numel() < ADVISE_MIN_ROWS:
+            return False
+        self.weight_file.will_need(rows)
+        if training and self._state_files:
+            self._advise_state(rows)
+        return True
 
     def _file_read(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows (U,) of array ``name`` from its file: (U, *row_shape), checked unless ``verify_rows`` is off."""
@@ -364,6 +408,7 @@ class DiskTable(OffloadedTable, Durable):
 
     def close(self) -> None:
         """Flush and unmap the files; the table cannot be used afterwards."""
+        wait_for_background(self)  # its fetches and read-aheads use the files
         self.flush()
         for table_file in self._files().values():
             table_file.close()

@@ -14,7 +14,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,7 @@ class _SerialQueues:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._queues: dict[Hashable, deque[tuple[Future, Callable[[], object]]]] = {}
+        self._last: dict[Hashable, Future] = {}  # each key's newest task: when it is done, all of the key's are
 
     def submit(self, key: Hashable, task: Callable[[], object]) -> Future:
         future: Future = Future()
@@ -58,6 +59,7 @@ class _SerialQueues:
             if start:
                 queue = self._queues[key] = deque()
             queue.append((future, task))
+            self._last[key] = future
         if start:
             _pool().submit(self._drain, key)
         return future
@@ -75,9 +77,34 @@ class _SerialQueues:
                     future.set_result(task())
                 except BaseException as error:  # reaches the layer through result()
                     future.set_exception(error)
+            with self._lock:
+                if self._last.get(key) is future:
+                    del self._last[key]
+
+    def wait(self, key: Hashable | None = None) -> None:
+        """Block until the tasks of ``key`` (None: of every key) submitted so far have run."""
+        with self._lock:
+            last = list(self._last.values()) if key is None else [self._last[key]] if key in self._last else []
+        wait(last)
 
 
 _queues = _SerialQueues()
+
+
+def run_after_fetches(key: Hashable, task: Callable[[], object]) -> Future:
+    """Run ``task`` in the background after the fetches (and tasks) queued under ``key`` so far, before later ones.
+
+    A table passes itself as ``key``: ``task`` then never runs at the same time as one of its fetches.
+    """
+    return _queues.submit(key, task)
+
+
+def wait_for_background(key: Hashable | None = None) -> None:
+    """Block until every fetch and task queued under ``key`` (None: any key) so far has finished.
+
+    Errors stay with their futures (a fetch's reaches the layer through ``PendingRows.result``).
+    """
+    _queues.wait(key)
 
 
 @dataclass

@@ -146,6 +146,10 @@ class RowCache:
         self.misses += rows.numel() - n_hit
         return hit.to(rows_in.device), self.values[hit_slots]  # advanced indexing copies
 
+    def holds(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: which of ``rows`` (n,) int64, on the cache's device, are cached (no stats are counted)."""
+        return self.tags[rows % self.num_slots] == rows
+
     def admit(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Offer ``rows`` (n,) distinct, just read from the backing store, with ``values`` (n, dim).
 

@@ -209,9 +209,9 @@ class Trainer:
                 group["lr"] = group["base_lr"] * factor
         return self.config.lr * factor
 
-    def _rank_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's equal slice of the sequences of batch ``self.step`` (the whole batch on one process)."""
-        inputs, targets = self.batches.batch(self.step)
+    def _rank_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's equal slice of the sequences of batch ``step`` (the whole batch on one process)."""
+        inputs, targets = self.batches.batch(step)
         share = self.config.batch_size // self.world
         mine = slice(self.rank * share, (self.rank + 1) * share)
         return inputs[mine].to(self.device), targets[mine].to(self.device)
@@ -225,9 +225,11 @@ class Trainer:
         skips in a row) ``NonFiniteError`` is raised.
         """
         self.model.train()
-        inputs, targets = self._rank_batch()
-        with self._autocast():
-            out = self.forward_model(inputs, targets=targets, check_ids=False)  # checked by self.batches
+        inputs, targets = self._rank_batch(self.step)
+        # Disk tables read the next batch's rows into the page cache while this one computes.
+        following = self._rank_batch(self.step + 1)[0] if self.model.reads_ahead() else None
+        with self._autocast():  # the ids were checked by self.batches
+            out = self.forward_model(inputs, targets=targets, check_ids=False, read_ahead=following)
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
