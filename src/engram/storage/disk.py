@@ -27,6 +27,7 @@ half-written one.
 from __future__ import annotations
 
 import functools
+import threading
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -138,6 +139,9 @@ class DiskTable(OffloadedTable, Durable):
         self._journal: UndoJournal | None = None
         self.write_buffer_bytes = int(write_buffer_bytes) if writable else 0
         self._buffer: WriteBuffer | None = None
+        # Held while the buffer changes, and by a read-ahead looking into it from the background. (Fetches
+        # read it without: they run while the model computes, never during the optimizer's writes.)
+        self._buffer_lock = threading.Lock()
 
     # -- files ----------------------------------------------------------------------------------------
     def _open_state(self, name: str) -> torch.Tensor:
@@ -159,8 +163,9 @@ class DiskTable(OffloadedTable, Durable):
         if self._journal is not None and self._journal.pending_rows:
             raise RuntimeError(f"cannot add row state {name!r} to {self.directory} between checkpoints")
         if self._buffer is not None:  # rebuilt over the new set of arrays
-            self._buffer.write_back_all()
-            self._buffer = None
+            with self._buffer_lock:
+                self._buffer.write_back_all()
+                self._buffer = None
         width = 1
         for size in row_shape:
             width *= size
@@ -257,15 +262,16 @@ class DiskTable(OffloadedTable, Durable):
         if not self.read_ahead_enabled:
             return None
         rows = self.check_rows(indices.detach().reshape(-1).cpu())
-        if self._buffer is not None:  # read on this thread, the one whose optimizer steps change the buffer
-            rows = torch.unique(rows)
-            rows = rows[~self._buffer.resident(rows)]
         return run_after_fetches(self, functools.partial(self._will_need, rows, self.training))
 
     def _will_need(self, rows: torch.Tensor, training: bool) -> bool:
-        """Advise the pages of ``rows`` (any order, repeats allowed) that the hot-row cache lacks: weight, and
-        optimizer state if ``training``. True if it asked for any."""
+        """Advise the pages of ``rows`` (any order, repeats allowed) that neither the write-back buffer nor the
+        hot-row cache holds: weight, and optimizer state if ``training``. True if it asked for any."""
         rows = torch.unique(rows)
+        if self._buffer is not None:
+            with self._buffer_lock:  # the optimizer's step may be writing rows into it now
+                if self._buffer is not None:
+                    rows = rows[~self._buffer.resident(rows)]
         if self.cache is not None:  # the cache changes only in this table's fetches, which this runs between
             rows = rows[~self.cache.holds(rows)]
         if rows.numel() < ADVISE_MIN_ROWS:
@@ -285,27 +291,26 @@ class DiskTable(OffloadedTable, Durable):
         self._files()[name].write_rows(rows, values)
 
     def _write_weight(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        self._write_array("weight", rows, values)
+
+    def _write_array(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         buffer = self.buffer()
         if buffer is None:
-            self._file_write("weight", rows, values)
+            self._file_write(name, rows, values)
         else:
-            buffer.write("weight", rows, values)
+            with self._buffer_lock:
+                buffer.write(name, rows, values)
 
     def read_state(self, name: str, rows: torch.Tensor) -> torch.Tensor:
         buffer = self.buffer()
         return self._file_read(name, rows) if buffer is None else buffer.read(name, rows)
 
     def write_state(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
-        buffer = self.buffer()
-        if buffer is None:
-            self._file_write(name, rows, values)
-        else:
-            buffer.write(name, rows, values)
+        self._write_array(name, rows, values)
 
     def row_states(self) -> dict[str, torch.Tensor]:
         """The state arrays as mapped from their files (buffered rows are written back first)."""
-        if self._buffer is not None:
-            self._buffer.write_back_all()
+        self._write_back_buffer()
         return super().row_states()
 
     def begin_update(self, rows: torch.Tensor) -> None:
@@ -323,9 +328,13 @@ class DiskTable(OffloadedTable, Durable):
         if self.use_journal and self.metadata.get("committed_step") is not None:  # else nothing to return to
             self.journal().protect(rows)
 
-    def flush(self) -> None:
+    def _write_back_buffer(self) -> None:
         if self._buffer is not None:
-            self._buffer.write_back_all()
+            with self._buffer_lock:
+                self._buffer.write_back_all()
+
+    def flush(self) -> None:
+        self._write_back_buffer()
         for table_file in self._files().values():
             table_file.flush()
 
@@ -349,7 +358,8 @@ class DiskTable(OffloadedTable, Durable):
                 f"checkpoint step {step}; a disk table can only return to its latest checkpoint"
             )
         if self._buffer is not None:  # rows written after the checkpoint, never written back
-            self._buffer.discard()
+            with self._buffer_lock:
+                self._buffer.discard()
         if self.cache is not None:  # it may hold rows written after the checkpoint
             self.cache.clear()
         if not meta.get("dirty"):
