@@ -14,7 +14,8 @@ cache lines that another one's step just touched:
 - ``disk warm``, prefetch on / off: memory-mapped files whose pages are in the page cache (written
   and flushed before timing; the optimizer-state files, created as sparse zeros, read once), with
   the default 64 MiB write-back buffer per table; and, prefetch on,
-  with no write buffer (``write_buffer_mb=0``: every optimizer update goes to the files), with the
+  without read-ahead (the next batch's pages not asked for: what the probe that finds them cached
+  costs), with no write buffer (``write_buffer_mb=0``: every optimizer update goes to the files), with the
   row checksums not verified on read (``verify_rows=False``; they are still written), and with
   table files of format 1 (made before row checksums existed: nothing written, nothing verified),
   so that the cost of verifying rows and of the checksums as a whole are measured side by side.
@@ -144,6 +145,7 @@ CONFIG_KEYS = [
     "host-off",
     "disk-warm-on",
     "disk-warm-off",
+    "disk-warm-noahead",
     "disk-warm-unbuffered",
     "disk-warm-unverified",
     "disk-warm-format1",
@@ -332,6 +334,7 @@ def variants(root: Path, cache_mb: float) -> list[Variant]:
         Variant("host, prefetch off", "host-off", StorageConfig(tier="host", prefetch=False)),
         Variant("disk warm, prefetch on", "disk-warm-on", disk("disk-warm-on")),
         Variant("disk warm, prefetch off", "disk-warm-off", disk("disk-warm-off", prefetch=False)),
+        Variant("disk warm, no read-ahead", "disk-warm-noahead", disk("disk-warm-noahead", read_ahead=False)),
         Variant("disk warm, no write buffer", "disk-warm-unbuffered", disk("disk-warm-unbuffered", write_buffer_mb=0)),
         Variant(
             "disk warm, rows not verified", "disk-warm-unverified", disk("disk-warm-unverified", verify_rows=False)

@@ -84,6 +84,7 @@ def test_read_ahead_leaves_out_rows_in_the_write_buffer_and_the_row_cache(tmp_pa
     table.eval()
     table.scatter(buffered, torch.ones(300, 16))  # the optimizer's write: into the write-back buffer
     table.fetch(cached)  # admitted to the hot-row cache
+    table.weight_file.evict_page_cache()  # else the probe finds the pages cached and nothing is advised
     advised.clear()
     assert table.cache.holds(cached).all() and table.buffer().resident(buffered).all()
     assert table.read_ahead(torch.cat([plain, cached, buffered]).flip(0)).result(timeout=WAIT_S) is True
@@ -109,12 +110,21 @@ def test_a_training_table_also_reads_its_optimizer_state_ahead(tmp_path, monkeyp
 
     monkeypatch.setattr(TableFile, "will_need", recorded)
     rows = torch.arange(0, 50_000, 50)
+    for table_file in (table.weight_file, *table._state_files.values()):
+        table_file.evict_page_cache()
     table.eval()
     table.read_ahead(rows).result(timeout=WAIT_S)
     assert advised == {"weight.table": 1}
     table.train()
+    table.weight_file.evict_page_cache()
     table.read_ahead(rows).result(timeout=WAIT_S)
     assert advised == {"weight.table": 2, "exp_avg.table": 1}
+    if table.weight_file._probe_residency:  # everything cached now: a probe, no advice
+        files = (table.weight_file, *table._state_files.values())
+        deadline = time.monotonic() + WAIT_S
+        while not all(f.looks_cached(rows) for f in files) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the advised reads are still on their way
+        assert table.read_ahead(rows).result(timeout=WAIT_S) is False and len(advised) == 2
     table.close()
 
 

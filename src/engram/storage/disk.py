@@ -267,6 +267,9 @@ class DiskTable(OffloadedTable, Durable):
     def _will_need(self, rows: torch.Tensor, training: bool) -> bool:
         """Advise the pages of ``rows`` (any order, repeats allowed) that neither the write-back buffer nor the
         hot-row cache holds: weight, and optimizer state if ``training``. True if it asked for any."""
+        files = [self.weight_file, *(self._state_files.values() if training else ())]
+        if all(table_file.looks_cached(rows) for table_file in files):  # warm: a few system calls, nothing else
+            return False
         rows = torch.unique(rows)
         if self._buffer is not None:
             with self._buffer_lock:  # the optimizer's step may be writing rows into it now

@@ -557,7 +557,7 @@ class TableFile:
             raise TableFileError(f"{self.path} is closed")
         if not hasattr(os, "posix_fadvise"):
             return False
-        if check_resident and self._all_resident(rows):
+        if check_resident and self.looks_cached(rows):
             return False
         first, count = page_runs(rows, self.record_bytes)
         fd = self._file.fileno()
@@ -565,9 +565,9 @@ class TableFile:
             os.posix_fadvise(fd, page, pages, os.POSIX_FADV_WILLNEED)
         return True
 
-    def _all_resident(self, rows: torch.Tensor) -> bool:
-        """Whether the first page of each of ``RESIDENCY_SAMPLES`` of ``rows``, spread evenly over them, is in
-        the page cache (False when the probe is not supported here)."""
+    def looks_cached(self, rows: torch.Tensor) -> bool:
+        """Whether the first page of each of ``RESIDENCY_SAMPLES`` of ``rows`` (any shape), spread evenly over them,
+        is in the page cache: one non-blocking one-byte read each (False when that probe is not supported here)."""
         flat = rows.reshape(-1)
         if flat.numel() == 0 or not self._probe_residency:
             return flat.numel() == 0
