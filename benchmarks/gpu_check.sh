@@ -12,7 +12,8 @@
 #
 # It runs, in the repository root:
 #   1. python -m pytest tests/test_cuda.py: hashing and Engram layer parity on the device against the
-#      CPU, device/host/disk tier equivalence on the device, pinned-memory prefetch on a side stream;
+#      CPU, device/host/disk tier equivalence on the device, pinned-memory prefetch on a side stream,
+#      a disk model reading the next batch ahead from ids on the device;
 #   2. python benchmarks/gpu_tiers.py --table-gb GB: host tier against device tier, inference and
 #      training, prefetch on and off (JSON in the results folder);
 #   3. python benchmarks/gpu_check_summary.py: the summary table (also written to summary.txt).

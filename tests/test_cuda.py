@@ -218,3 +218,16 @@ def test_a_host_tier_model_with_prefetch_equals_one_without(compressor, tmp_path
         table.prefetch_enabled = False
         without = models["host"].eval()(ids).logits
     assert torch.equal(with_prefetch, without)
+
+
+def test_a_disk_model_on_the_device_reads_the_next_batch_ahead(compressor, tmp_path):
+    """Ids on the device: the next batch is hashed there and its rows go to the host table's read-ahead."""
+    model = _tier_models(compressor, tmp_path)["disk"].eval()
+    ids, following = (_batch(seed, batch=4, length=48)[0].to(DEVICE) for seed in (2, 3))
+    with torch.no_grad():
+        plain = model(ids).logits
+        tasks = model.read_ahead(following)
+        ahead = model(ids, read_ahead=following).logits
+    assert len(tasks) == len(model.engram_layers())
+    assert all(isinstance(task.result(timeout=20), bool) for task in tasks)  # ran, and raised nothing
+    assert torch.equal(ahead, plain)
