@@ -368,6 +368,26 @@ def test_every_tier_round_trips_bit_for_bit_into_every_tier(compressor, tmp_path
     _close_disk_tables(lm)
 
 
+def test_a_disk_model_reads_the_next_batch_ahead_through_forward(compressor, tmp_path, monkeypatch):
+    hf = EngramForCausalLM.from_engram(_placed_lm(compressor, "disk", tmp_path / "tables"))
+    announced = []
+    read_ahead = EngramLM.read_ahead
+
+    def recorded(lm, ids, **options):
+        announced.append(ids)
+        return read_ahead(lm, ids, **options)
+
+    monkeypatch.setattr(EngramLM, "read_ahead", recorded)
+    ids, following = _ids(2, 24), _ids(2, 24, seed=2)
+    with torch.no_grad():
+        plain = hf(ids).logits
+        assert announced == []
+        ahead = hf(ids, read_ahead=following).logits
+    assert len(announced) == 1 and torch.equal(announced[0], following)
+    assert torch.equal(ahead, plain)
+    _close_disk_tables(hf.lm)
+
+
 def _close_disk_tables(lm: EngramLM) -> None:
     for layer in lm.engram_layers().values():
         if isinstance(layer.table, DiskTable):

@@ -238,7 +238,10 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 ``use_cache=True`` and no cache a new one is started. Decoding is for inference.
             use_cache: return the cache (default False outside ``generate``).
             output_hidden_states: ``EngramLM``'s embedding output and every block's output.
+            read_ahead: the next batch's ids (B', T'), if known: disk tables read its rows' file pages
+                into the page cache while this batch computes (``EngramLM.forward``); no result changes.
         """
+        read_ahead = kwargs.pop("read_ahead", None)
         cache = kwargs.pop("cache", None)
         past = kwargs.pop("past_key_values", None)
         cache = cache if cache is not None else past
@@ -264,6 +267,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             targets=targets,
             state=None if cache is None else cache.state,
             output_hidden_states=bool(output_hidden_states),
+            read_ahead=read_ahead,
         )
         logits = self._tokenizer_logits(out.logits)
         loss = out.loss
