@@ -323,6 +323,7 @@ class DiskTable(OffloadedTable, Durable):
         if not self.writable:
             raise RuntimeError(f"the table at {self.directory} was opened read-only (writable=False)")
         if not self.metadata.get("trained"):  # so that a run restarted from scratch can tell
+            self._wait_for_write_back()  # the header has one writer at a time
             self._set_metadata(trained=True)
         if self.buffer() is None:  # with a buffer, the files change only when rows are written back
             self._before_file_write(rows)

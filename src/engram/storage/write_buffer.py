@@ -116,7 +116,8 @@ class WriteBuffer:
         overflow_rows: rows of the overflow list (None: a 64th of the rows the capacity holds; 0: none,
             displaced rows are written back at once).
         background: write a full overflow list back on a worker thread of the buffer's own, while the
-            caller goes on (False: on the caller's thread, before the call that filled it returns).
+            caller goes on (False: on the caller's thread, before the call that filled it returns). The
+            batch in flight holds up to one more list's rows beyond ``capacity_bytes``.
     """
 
     def __init__(
@@ -331,7 +332,10 @@ class WriteBuffer:
             self._write_back_rows(rows, values)
             return
         if self.overflow_rows.numel() + rows.numel() > self.overflow_capacity:
-            self._seal_overflow() if self.background else self._write_back_overflow()
+            if self.background:
+                self._seal_overflow()
+            else:
+                self._write_back_overflow()
         self.overflow_rows, order = torch.cat([self.overflow_rows, rows]).sort()
         for name, value in values.items():
             self.overflow[name] = torch.cat([self.overflow[name], value.to(self.overflow[name].dtype)])[order]
