@@ -3,10 +3,19 @@ policy (set-associative, least recently written first) against a straightforward
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import pytest
 import torch
 
+from engram.storage import DiskTable, write_buffer
+from engram.storage.journal import UndoJournal
 from engram.storage.write_buffer import WriteBuffer
+from engram.training import Trainer, seed_everything
+from tests.corpus import sonnets_tokens
+from tests.test_tiers import _model, _same_weights
+from tests.test_training import TRAIN
 
 SLOT_BYTES = 16 + 4 * 4 + 4 * 4 + 8  # tag and stamp, then a row of each array of ``_arrays``
 
@@ -20,10 +29,11 @@ def _arrays(rows: int) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("background", [False, True])
 @pytest.mark.parametrize(
     ("slots", "ways", "overflow"), [(1, 16, 0), (7, 1, 0), (7, 16, 0), (64, 4, 0), (64, 16, 0), (7, 1, 3), (64, 4, 5)]
 )
-def test_reads_see_every_write_and_write_back_leaves_the_arrays_right(slots, ways, overflow):
+def test_reads_see_every_write_and_write_back_leaves_the_arrays_right(slots, ways, overflow, background):
     backing = _arrays(100)
     logical = {name: array.clone() for name, array in backing.items()}  # what the arrays should read as
     written_back = []
@@ -33,7 +43,14 @@ def test_reads_see_every_write_and_write_back_leaves_the_arrays_right(slots, way
         written_back.append(rows.clone())
         assert len(set(rows.tolist())) == rows.numel()
 
-    buffer = WriteBuffer(backing, (slots + overflow) * SLOT_BYTES, before_write_back, ways=ways, overflow_rows=overflow)
+    buffer = WriteBuffer(
+        backing,
+        (slots + overflow) * SLOT_BYTES,
+        before_write_back,
+        ways=ways,
+        overflow_rows=overflow,
+        background=background,
+    )
     assert buffer.num_slots == slots // buffer.ways * buffer.ways
     assert buffer.ways == min(ways, slots)
     assert buffer.overflow_capacity == overflow
@@ -210,13 +227,19 @@ def test_a_working_set_that_fits_its_sets_is_never_written_back():
     assert counts[1][0] > 50 and not counts[1][1]  # 512 rows in 1024 direct-mapped slots collide
 
 
-def test_displaced_rows_wait_in_the_overflow_list_and_reach_the_files_together():
+@pytest.mark.parametrize("background", [False, True])
+def test_displaced_rows_wait_in_the_overflow_list_and_reach_the_files_together(background):
     backing = _arrays(20)
     snapshot = {name: array.clone() for name, array in backing.items()}
     written_back: list[list[int]] = []
     # direct-mapped, 2 sets of 1 slot, and an overflow list of 3 rows
     buffer = WriteBuffer(
-        backing, 5 * SLOT_BYTES, lambda rows: written_back.append(rows.tolist()), ways=1, overflow_rows=3
+        backing,
+        5 * SLOT_BYTES,
+        lambda rows: written_back.append(rows.tolist()),
+        ways=1,
+        overflow_rows=3,
+        background=background,
     )
     assert (buffer.num_slots, buffer.overflow_capacity) == (2, 3)
     for step, rows in enumerate([[0, 1], [2], [4], [6]]):  # 2, 4, 6 each displace the row of set 0
@@ -230,6 +253,7 @@ def test_displaced_rows_wait_in_the_overflow_list_and_reach_the_files_together()
     assert buffer.overflow_rows.tolist() == [0, 2, 4]
     assert written_back == []
     buffer.write("weight", torch.tensor([8]), torch.full((1, 4), 5.0))  # displaces 6: the list is full
+    buffer.wait()  # background: the list was sealed, and is written back on the worker
     assert written_back == [[0, 2, 4]]  # written back together, then 6 enters the emptied list
     assert buffer.overflow_rows.tolist() == [6]
     assert torch.equal(backing["weight"][[0, 2, 4]], expected[:3])
@@ -239,3 +263,234 @@ def test_displaced_rows_wait_in_the_overflow_list_and_reach_the_files_together()
     assert written_back[-1] == [1, 6, 8]  # slots and list in one write-back, ascending
     assert torch.equal(backing["weight"][[1, 6, 8]], torch.tensor([[0.0] * 4, [3.0] * 4, [5.0] * 4]))
     assert buffer.buffered_rows == 0
+
+
+def _step(
+    buffer: WriteBuffer,
+    logical: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    generator: torch.Generator,
+    names: tuple[str, ...] = ("row_step", "exp_avg", "weight"),
+) -> None:
+    """What an optimizer step does to ``rows``: a write of every array (of ``names``), ``logical`` following."""
+    for name in names:
+        values = logical[name][rows] + 1 if name == "row_step" else torch.randn(rows.numel(), 4, generator=generator)
+        buffer.write(name, rows, values)
+        logical[name][rows] = values
+
+
+def _same(buffer: WriteBuffer, logical: dict[str, torch.Tensor], rows: torch.Tensor) -> bool:
+    return all(torch.equal(buffer.read(name, rows), logical[name][rows]) for name in logical)
+
+
+def test_rows_of_a_batch_in_flight_are_read_and_rewritten_while_it_is_written_back():
+    """A write-back held up on the worker: meanwhile the caller reads and rewrites the rows of its batch,
+    every read sees the latest write, and in the end the arrays hold exactly what was written."""
+    backing = _arrays(100)
+    snapshot = {name: array.clone() for name, array in backing.items()}
+    logical = {name: array.clone() for name, array in backing.items()}
+    gate = threading.Event()
+
+    def write_rows(name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        assert gate.wait(timeout=30)
+        backing[name].index_copy_(0, rows, values)
+
+    buffer = WriteBuffer(
+        backing, (8 + 10) * SLOT_BYTES, write_rows=write_rows, ways=2, overflow_rows=10, background=True
+    )
+    generator = torch.Generator().manual_seed(4)
+    while True:  # a row or two a step, until the list is full and sealed
+        before = buffer.overflow_rows.clone()
+        _step(buffer, logical, torch.randperm(100, generator=generator)[: int(torch.randint(1, 3, (1,)))], generator)
+        if buffer.overflow_rows.numel() < before.numel():
+            break
+    in_flight = before  # the sealed list
+    assert in_flight.numel() >= buffer.overflow_capacity - 1
+    rewritten = 0
+    for _ in range(40):
+        pool = in_flight if bool(torch.rand(1, generator=generator) < 0.7) else torch.arange(100)
+        rows = pool[torch.randperm(pool.numel(), generator=generator)[: int(torch.randint(1, 3, (1,)))]]
+        if buffer.overflow_rows.numel() + rows.numel() > buffer.overflow_capacity:
+            break  # the next seal would wait for the held-up batch
+        # one array alone, at times: the claim must take the row's other arrays from the batch, not the files
+        one = bool(torch.rand(1, generator=generator) < 0.5)
+        _step(buffer, logical, rows, generator, ("exp_avg",) if one else ("row_step", "exp_avg", "weight"))
+        rewritten += int(torch.isin(rows, in_flight).sum())
+        assert bool(buffer.resident(in_flight).all())
+        assert _same(buffer, logical, torch.arange(100))
+        assert _same(buffer, logical, in_flight)
+        for name in backing:  # the worker has written nothing yet: every read came from the buffer
+            assert torch.equal(backing[name], snapshot[name]), name
+    assert rewritten > 0
+    gate.set()
+    buffer.write_back_all()
+    for name in logical:
+        assert torch.equal(backing[name], logical[name]), name
+
+
+def test_background_write_backs_are_journaled_first_and_reach_the_files_in_order():
+    backing = _arrays(200)
+    logical = {name: array.clone() for name, array in backing.items()}
+    calls: list[tuple[str, str, tuple[int, ...], str]] = []  # (kind, array, rows, thread), list.append is atomic
+    files = {name: array.clone() for name, array in backing.items()}  # what the arrays held before each write-back
+
+    def before_write_back(rows: torch.Tensor) -> None:
+        for name in backing:  # no array of these rows has changed since the last write-back
+            assert torch.equal(backing[name][rows], files[name][rows]), name
+        calls.append(("journal", "", tuple(rows.tolist()), threading.current_thread().name))
+
+    def write_rows(name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        calls.append(("write", name, tuple(rows.tolist()), threading.current_thread().name))
+        backing[name].index_copy_(0, rows, values)
+        files[name].index_copy_(0, rows, values)
+
+    buffer = WriteBuffer(
+        backing,
+        (16 + 8) * SLOT_BYTES,
+        before_write_back,
+        write_rows=write_rows,
+        ways=4,
+        overflow_rows=8,
+        background=True,
+    )
+    generator = torch.Generator().manual_seed(5)
+    hot = torch.randperm(200, generator=generator)[:40]  # rewritten often: rows come back in later batches
+    for _ in range(150):
+        _step(buffer, logical, hot[torch.randperm(40, generator=generator)[:3]], generator)
+        assert _same(buffer, logical, hot)
+    buffer.write_back_all()
+    for name in logical:
+        assert torch.equal(backing[name], logical[name]), name
+    # one write-back after another: a journal record, then one write per array of the same rows
+    batches = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    assert len(calls) == 4 * len(batches)
+    for batch in batches:
+        assert batch[0][0] == "journal"
+        assert sorted((kind, name) for kind, name, _, _ in batch[1:]) == [("write", n) for n in sorted(backing)]
+        assert {rows for _, _, rows, _ in batch} == {batch[0][2]}
+        assert len({thread for _, _, _, thread in batch}) == 1
+    threads = [batch[0][3] for batch in batches]
+    assert threads[-1] == threading.current_thread().name  # write_back_all, on the caller's thread
+    assert len(threads) > 5 and all(thread.startswith("engram-write-back") for thread in threads[:-1])
+    seen = [set(batch[0][2]) for batch in batches[:-1]]
+    assert any(seen[k] & seen[k + 1] for k in range(len(seen) - 1))  # a row written back twice, in order
+
+
+def test_a_failed_background_write_back_is_raised_and_loses_no_row():
+    backing = _arrays(100)
+    snapshot = {name: array.clone() for name, array in backing.items()}
+    logical = {name: array.clone() for name, array in backing.items()}
+    failing = True
+
+    def write_rows(name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        if failing:
+            raise OSError("no space left on device")
+        backing[name].index_copy_(0, rows, values)
+
+    buffer = WriteBuffer(backing, (8 + 6) * SLOT_BYTES, write_rows=write_rows, ways=2, overflow_rows=6, background=True)
+    generator = torch.Generator().manual_seed(6)
+    with pytest.raises(OSError, match="no space left"):  # at a later write, before it changes anything
+        for _ in range(100):
+            _step(buffer, logical, torch.randperm(100, generator=generator)[:2], generator)
+    everything = torch.arange(100)
+    assert _same(buffer, logical, everything)  # the failed batch's rows are still read from it
+    with pytest.raises(OSError, match="no space left"):  # and at every change after it
+        buffer.write("weight", torch.tensor([0]), torch.zeros(1, 4))
+    with pytest.raises(OSError, match="no space left"):
+        buffer.write_back_all()
+    assert _same(buffer, logical, everything)
+    for name in backing:
+        assert torch.equal(backing[name], snapshot[name]), name
+    buffer.discard()  # a rollback forgets the rows, the failed batch too
+    failing = False
+    assert _same(buffer, snapshot, everything)
+    logical = {name: array.clone() for name, array in snapshot.items()}
+    for _ in range(30):
+        _step(buffer, logical, torch.randperm(100, generator=generator)[:2], generator)
+    buffer.write_back_all()
+    for name in logical:
+        assert torch.equal(backing[name], logical[name]), name
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_disk_tables_write_back_in_the_background_and_train_as_device_tables(
+    tmp_path, compressor, monkeypatch, background
+):
+    """Device and disk tables stay bit-identical over training steps whose displaced rows are written back on
+    the write buffer's worker (and journaled there, after the checkpoint at step 4)."""
+    monkeypatch.setattr(write_buffer, "OVERFLOW_SHARE", 2)  # an overflow list that a step's displaced rows fit
+    threads: dict[str, list[str]] = {"write back": [], "journal": []}
+    for owner, name, kind in ((WriteBuffer, "_write_back_rows", "write back"), (UndoJournal, "protect", "journal")):
+
+        def recorded(*args, original=owner.__dict__[name], kind=kind) -> None:
+            threads[kind].append(threading.current_thread().name)
+            original(*args)
+
+        monkeypatch.setattr(owner, name, recorded)
+    device = _model(compressor, "device")
+    options = dict(write_buffer_mb=0.2, background_write_back=background)  # 480 slots, a list of 485 rows
+    disk = _same_weights(_model(compressor, "disk", tmp_path / "disk", **options), device)
+    threads["write back"].clear()
+    train, val = sonnets_tokens()
+    config = dataclasses.replace(TRAIN, steps=10, eval_every=0, checkpoint_every=4)
+    losses = {}
+    for tier, model in {"device": device, "disk": disk}.items():
+        seed_everything(1)
+        losses[tier] = Trainer(model, config, train, val, out_dir=tmp_path / tier, progress=False).train()
+    assert losses["disk"] == losses["device"]
+    for kind, called in threads.items():
+        in_background = [thread for thread in called if thread.startswith("engram-write-back")]
+        assert in_background if background else called and not in_background, kind
+    assert len(threads["write back"]) >= 2
+    disk_table = disk.engram_tables()[0]
+    device_table = device.engram_tables()[0]
+    rows = torch.arange(device_table.num_rows)
+    assert torch.equal(disk_table.read_rows(rows), device_table.read_rows(rows))
+    for name in ("exp_avg", "exp_avg_sq", "row_step"):
+        assert torch.equal(disk_table.row_states()[name], device_table.row_states()[name]), name
+    disk_table.close()
+
+
+def test_a_crash_after_background_write_backs_rolls_back_to_the_checkpoint(tmp_path, monkeypatch):
+    """Rows written back on the worker after a checkpoint were journaled there first: after a crash (the
+    table dropped unflushed, its buffered rows lost) the files roll back to the checkpoint, bit for bit."""
+    monkeypatch.setattr(write_buffer, "OVERFLOW_SHARE", 2)  # 80 slots and an 80-row list
+    threads: list[str] = []
+    protect = UndoJournal.protect
+
+    def recorded(self, rows: torch.Tensor) -> None:
+        threads.append(threading.current_thread().name)
+        protect(self, rows)
+
+    monkeypatch.setattr(UndoJournal, "protect", recorded)
+    slot_bytes = 16 + 4 * 4 + 4 * 4 + 8  # tag and stamp, weight, exp_avg, row_step
+    table = DiskTable(tmp_path / "t", 2000, 4, init_std=1.0, seed=0, write_buffer_bytes=160 * slot_bytes)
+    table.row_state("exp_avg", (4,))
+    table.row_state("row_step", (), torch.int64)
+    generator = torch.Generator().manual_seed(7)
+    everything = torch.arange(2000)
+
+    def steps(table: DiskTable, count: int) -> None:
+        for _ in range(count):
+            rows = torch.randperm(2000, generator=generator)[:10]
+            table.begin_update(rows)
+            table.write_state("row_step", rows, table.read_state("row_step", rows) + 1)
+            table.write_state("exp_avg", rows, torch.randn(10, 4, generator=generator))
+            table.write_rows(rows, torch.randn(10, 4, generator=generator))
+
+    steps(table, 30)
+    table.prepare_checkpoint(1)
+    table.commit_checkpoint(1)
+    saved = {"weight": table.read_rows(everything), **{n: a.clone() for n, a in table.row_states().items()}}
+    steps(table, 60)
+    assert table.buffer().buffered_rows > 0  # rows the crash loses
+    assert sum(thread.startswith("engram-write-back") for thread in threads) >= 3  # journaled on the worker
+    table.buffer().wait()  # a crash after the write-back in flight (a test's crash does not stop the worker)
+    del table
+
+    reopened = DiskTable(tmp_path / "t")
+    reopened.restore_checkpoint(1)
+    assert torch.equal(reopened.read_rows(everything), saved["weight"])
+    for name in ("exp_avg", "row_step"):
+        assert torch.equal(reopened.row_states()[name], saved[name]), name
+    reopened.close()

@@ -36,6 +36,8 @@ class StorageConfig(JsonConfig):
         journal: disk tier: keep an undo journal so a crash between checkpoints can be rolled back.
         write_buffer_mb: disk tier: memory per table for rows the optimizer rewrites, written back to
             the files when displaced or at a checkpoint (0: every update goes to the files at once).
+        background_write_back: disk tier: write displaced rows back (journal first) on a worker thread
+            while training goes on, rather than in the optimizer step. The rows are the same either way.
         dtype: of the table rows (``float32``, ``bfloat16``, ``float16``); host and disk tiers only,
             a device table follows the model's dtype.
         pin_memory: host tier: page-lock the whole table (default no: rows bound for a GPU are
@@ -52,6 +54,7 @@ class StorageConfig(JsonConfig):
     read_ahead: bool = True
     journal: bool = True
     write_buffer_mb: float = 64.0
+    background_write_back: bool = True
     dtype: str = "float32"
     pin_memory: bool = False
     verify_rows: bool = True
@@ -67,14 +70,15 @@ class StorageConfig(JsonConfig):
         return int(self.cache_mb * 2**20)
 
     def disk_options(self) -> dict[str, object]:
-        """The ``DiskTable`` keyword arguments this config sets (cache, prefetch, read-ahead, journal, write buffer,
-        row checks)."""
+        """The ``DiskTable`` keyword arguments this config sets (cache, prefetch, read-ahead, journal, write buffer
+        and its write-back, row checks)."""
         return {
             "cache_bytes": self.cache_bytes,
             "prefetch": self.prefetch,
             "read_ahead": self.read_ahead,
             "journal": self.journal,
             "write_buffer_bytes": int(self.write_buffer_mb * 2**20),
+            "background_write_back": self.background_write_back,
             "verify_rows": self.verify_rows,
         }
 

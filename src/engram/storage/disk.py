@@ -7,12 +7,12 @@ A ``DiskTable`` is a folder:
     journal.undo      undo journal: old values of the rows changed since the last checkpoint
 
 Reads go through the operating system's page cache and an optional hot-row cache; writes go to
-the files (``pwrite``, through a write-back buffer) and reach the disk when the kernel writes the
-pages back or at a flush. Every row carries a checksum in its file (``TableFile``): rows are
-written with their checksums, and every row read from a file is checked against its checksum
-(``verify_rows``), so a row changed behind engram's back (a disk error, another program) stops the
-run with ``RowChecksumError`` instead of being trained on. ``verify_tables`` checks whole folders
-(``engram tables verify``).
+the files (``pwrite``, through a write-back buffer, which writes the rows it displaces back on a
+worker thread) and reach the disk when the kernel writes the pages back or at a flush. Every row
+carries a checksum in its file (``TableFile``): rows are written with their checksums, and every
+row read from a file is checked against its checksum (``verify_rows``), so a row changed behind
+engram's back (a disk error, another program) stops the run with ``RowChecksumError`` instead of
+being trained on. ``verify_tables`` checks whole folders (``engram tables verify``).
 
 Checkpointing is two-phase and copies nothing. ``prepare_checkpoint(step)`` flushes every array and
 records ``prepared_step`` in the header; the caller then writes its checkpoint folder; then
@@ -74,6 +74,8 @@ class DiskTable(OffloadedTable, Durable):
             without it a table changed after its last checkpoint cannot be restored.
         write_buffer_bytes: memory for the write-back buffer of rows the optimizer rewrites
             (``WriteBuffer``; 0: every update goes straight to the files).
+        background_write_back: the write buffer writes its displaced rows back to the files (and
+            journals them) on a worker thread while training goes on (False: in the optimizer step).
         writable: open for training (False: inference only, the files are mapped read-only).
         verify_rows: check every row read from a file (weight and optimizer state) against its stored
             checksum, raising ``RowChecksumError`` on a mismatch. Rows served from the write buffer or
@@ -96,6 +98,7 @@ class DiskTable(OffloadedTable, Durable):
         journal: bool = True,
         writable: bool = True,
         write_buffer_bytes: int = 0,
+        background_write_back: bool = True,
         verify_rows: bool = True,
     ):
         self.directory = Path(directory)
@@ -138,6 +141,7 @@ class DiskTable(OffloadedTable, Durable):
         self.use_journal = journal
         self._journal: UndoJournal | None = None
         self.write_buffer_bytes = int(write_buffer_bytes) if writable else 0
+        self.background_write_back = background_write_back
         self._buffer: WriteBuffer | None = None
         # Held while the buffer changes, and by a read-ahead looking into it from the background. (Fetches
         # read it without: they run while the model computes, never during the optimizer's writes.)
@@ -160,6 +164,7 @@ class DiskTable(OffloadedTable, Durable):
                 f"the table at {self.directory} was opened read-only (writable=False) and takes no optimizer state; "
                 "train a writable copy"
             )
+        self._wait_for_write_back()  # it may journal rows
         if self._journal is not None and self._journal.pending_rows:
             raise RuntimeError(f"cannot add row state {name!r} to {self.directory} between checkpoints")
         if self._buffer is not None:  # rebuilt over the new set of arrays
@@ -194,8 +199,14 @@ class DiskTable(OffloadedTable, Durable):
                 self._before_file_write,
                 write_rows=self._file_write,
                 read_rows=self._file_read,
+                background=self.background_write_back,
             )
         return self._buffer
+
+    def _wait_for_write_back(self) -> None:
+        """Wait for the write buffer's background write-back, before the files or the journal are touched here."""
+        if self._buffer is not None:
+            self._buffer.wait()
 
     def journal(self) -> UndoJournal:
         """The undo journal over every array and each file's row checksums.
@@ -320,12 +331,17 @@ class DiskTable(OffloadedTable, Durable):
         if not self.writable:
             raise RuntimeError(f"the table at {self.directory} was opened read-only (writable=False)")
         if not self.metadata.get("trained"):  # so that a run restarted from scratch can tell
+            self._wait_for_write_back()  # the header has one writer at a time
             self._set_metadata(trained=True)
         if self.buffer() is None:  # with a buffer, the files change only when rows are written back
             self._before_file_write(rows)
 
     def _before_file_write(self, rows: torch.Tensor) -> None:
-        """Before ``rows`` (U,) of the files change: mark the table dirty (once), journal their old values."""
+        """Before ``rows`` (U,) of the files change: mark the table dirty (once), journal their old values.
+
+        Runs on the write buffer's worker thread for a background write-back; nothing else writes the
+        header or the journal meanwhile (``_wait_for_write_back``).
+        """
         if not self.metadata.get("dirty"):  # first change since the last commit: say so, durably
             self._set_metadata(dirty=True)
         if self.use_journal and self.metadata.get("committed_step") is not None:  # else nothing to return to
@@ -346,6 +362,7 @@ class DiskTable(OffloadedTable, Durable):
         self._set_metadata(prepared_step=step)
 
     def commit_checkpoint(self, step: int) -> None:
+        self._wait_for_write_back()
         if self.use_journal:
             self.journal().commit()
         self._set_metadata(committed_step=step, prepared_step=None, dirty=False)

@@ -24,6 +24,25 @@ step would cost an fsync per step; the list turns that into one per few hundred 
 few rows per step do not fit their sets. A row in the list stays there (reads and writes find it)
 until the list is written back.
 
+With ``background``, a full list is not written back on the caller's thread (36-54 µs a row, tens of
+milliseconds of a training step on a large corpus): it is sealed into the batch in flight, an empty
+list takes its place, and the buffer's one worker thread writes the batch back (``before_write_back``,
+then ``write_rows`` per array, as the caller's thread would) while the caller computes. At most one
+batch is in flight: sealing the next one, writing rows to the files on the caller's thread (rows too
+many for an empty list, ``write_back_all``) and ``discard`` wait for it first, as must anything else
+that writes the files or the journal (``wait``). So while a batch is in flight the worker is their
+only writer (which the journal, reading the rows' old values from the arrays, and ``TableFile``'s
+writes, rewriting the bytes between rows as they read them, rely on), and write-backs reach the
+files in the order their rows left the buffer, each journaled first, exactly as on one thread.
+
+The worker changes nothing in the buffer. The batch keeps its rows, unchanged, until the caller's
+thread drops it, at its first write after the worker is done: a reader finds a row in the batch, or
+after that in the files, which hold it by then. Lookups go sets, list, batch in flight, files; a
+write to a row that is only in the batch claims it like a row of the files, its other arrays copied
+from the batch, and its newer values shadow the batch's. A failed write-back keeps its batch (reads
+still find its rows) and its error is raised at the next write, and at every one after it, until
+``discard`` (a rollback, which undoes from the journal whatever part of the batch reached the files).
+
 Why set-associative with LRU: a direct-mapped buffer (one slot per row) cannot keep two rows of one
 slot, so even when it is twice as large as everything a corpus touches, about a third of those rows
 collide and evict each other on every step. With 16 ways, a set overflows only when the rows in use
@@ -35,15 +54,18 @@ the ``read_rows`` callback (a disk table checks them against their checksums the
 row was checked once, when it entered). Before any row is written back, ``before_write_back(rows)``
 runs: the disk table journals the old values there, so the file only changes in ways the undo
 journal can reverse; rows still in the buffer at a crash are simply lost, which is what rolling back
-to the last checkpoint wants anyway.
+to the last checkpoint wants anyway, and so are the rows of a batch in flight, whose old values
+are journaled before the worker writes any of them.
 
 Shapes: R rows of the table; G sets of W ways (S = G * W slots, slot = set * W + way); O rows of
-the overflow list (at most ``overflow_capacity``); U distinct rows of a call.
+the overflow list (at most ``overflow_capacity``); B rows of the batch in flight; U distinct rows of a call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from typing import NamedTuple
 
 import torch
@@ -54,8 +76,17 @@ OVERFLOW_SHARE = 64  # 1/64 of the buffer's rows is the overflow list
 _NEVER = -1  # the stamp of an empty slot: older than any write, so empty slots are claimed first
 
 
+class _Batch(NamedTuple):
+    """A sealed overflow list: rows being written back by the worker, readable until it has written them."""
+
+    rows: torch.Tensor  # (B,) ascending
+    values: dict[str, torch.Tensor]  # name -> (B, ...), never changed once sealed
+    done: Future  # the worker's write-back; its exception if it failed
+
+
 class _Found(NamedTuple):
-    """Where the rows (U,) of a call are: in a set's slot, in the overflow list, or only in the files."""
+    """Where the rows (U,) of a call are: in a set's slot, in the overflow list, in the batch in flight, or only
+    in the files."""
 
     sets: torch.Tensor  # (U,) the set of each row
     positions: torch.Tensor  # (H,) positions of the rows held in a slot, ascending
@@ -63,6 +94,10 @@ class _Found(NamedTuple):
     over_positions: torch.Tensor  # (V,) positions of the rows in the overflow list, ascending
     over_index: torch.Tensor  # (V,) their index in the list
     missing: torch.Tensor  # (M,) positions of the rows in neither, ascending
+    flight: _Batch | None  # the batch in flight when the rows were looked up
+    in_flight: torch.Tensor  # (F,) indices into ``missing`` of the rows in ``flight``, ascending
+    flight_index: torch.Tensor  # (F,) their index in the batch
+    in_files: torch.Tensor  # (M - F,) indices into ``missing`` of the rows only in the files, ascending
 
 
 class WriteBuffer:
@@ -80,6 +115,9 @@ class WriteBuffer:
         ways: slots per set (fewer when the buffer holds fewer slots; 1 is a direct-mapped buffer).
         overflow_rows: rows of the overflow list (None: a 64th of the rows the capacity holds; 0: none,
             displaced rows are written back at once).
+        background: write a full overflow list back on a worker thread of the buffer's own, while the
+            caller goes on (False: on the caller's thread, before the call that filled it returns). The
+            batch in flight holds up to one more list's rows beyond ``capacity_bytes``.
     """
 
     def __init__(
@@ -91,6 +129,7 @@ class WriteBuffer:
         read_rows: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
         ways: int = WAYS,
         overflow_rows: int | None = None,
+        background: bool = False,
     ):
         if ways < 1:
             raise ValueError(f"a write buffer needs at least one way per set, got ways={ways}")
@@ -116,11 +155,15 @@ class WriteBuffer:
         self.data = {name: array.new_empty(self.num_slots, *array.shape[1:]) for name, array in self.arrays.items()}
         self.overflow_rows = torch.empty(0, dtype=torch.long)  # (O,) ascending
         self.overflow = {name: array.new_empty(0, *array.shape[1:]) for name, array in self.arrays.items()}
+        self.background = background
+        self._worker: ThreadPoolExecutor | None = None  # created at the first sealed list
+        self._writing: _Batch | None = None  # the sealed overflow list the worker is writing back
         self._placement = 0  # changes whenever a row enters or leaves a place: ``_find``'s memo is then stale
         self._memo: tuple | None = None  # (rows, rows._version, _placement, _Found) of the last find
 
     @property
     def buffered_rows(self) -> int:
+        """Rows in the sets and the overflow list (not those of a batch in flight)."""
         return int((self.tags != EMPTY).sum()) + self.overflow_rows.numel()
 
     def set_of(self, rows: torch.Tensor) -> torch.Tensor:
@@ -158,14 +201,27 @@ class WriteBuffer:
             mask[positions] = False
             mask[over_positions] = False
             missing = mask.nonzero().squeeze(1)
-        found = _Found(sets, positions, slots, over_positions, over_index, missing)
+        # read after the list: a sealed list is in flight before the new, empty list replaces it
+        flight = self._writing
+        in_flight = flight_index = torch.empty(0, dtype=torch.long)
+        in_files = torch.arange(missing.numel())
+        if flight is not None and missing.numel():
+            wanted = rows.index_select(0, missing)
+            index = torch.searchsorted(flight.rows, wanted).clamp_(max=flight.rows.numel() - 1)
+            hit = flight.rows[index] == wanted
+            in_flight, in_files = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
+            flight_index = index[in_flight]
+        found = _Found(
+            sets, positions, slots, over_positions, over_index, missing, flight, in_flight, flight_index, in_files
+        )
         self._memo = (rows, rows._version, placement, found)
         return found
 
     def resident(self, rows: torch.Tensor) -> torch.Tensor:
-        """(U,) bool: which of ``rows`` (U,) are in the buffer (its sets or its overflow list)."""
+        """(U,) bool: which of ``rows`` (U,) are in the buffer (its sets, its overflow list or the batch in flight)."""
+        found = self._find(rows)
         hit = torch.ones(rows.numel(), dtype=torch.bool)
-        hit[self._find(rows).missing] = False
+        hit[found.missing[found.in_files]] = False
         return hit
 
     def read(self, name: str, rows: torch.Tensor) -> torch.Tensor:
@@ -175,16 +231,33 @@ class WriteBuffer:
         if found.positions.numel() == rows.numel():  # all in slots (positions is then 0..U-1)
             return data.index_select(0, found.slots)
         if found.missing.numel() == rows.numel():
-            return self.read_rows(name, rows)
+            return self._read_missing(name, rows, found)
         out = data.new_empty(rows.numel(), *data.shape[1:])
         out.index_copy_(0, found.positions, data.index_select(0, found.slots))
         out.index_copy_(0, found.over_positions, self.overflow[name].index_select(0, found.over_index))
         if found.missing.numel():  # only rows not buffered touch the file
-            out.index_copy_(0, found.missing, self.read_rows(name, rows.index_select(0, found.missing)))
+            out.index_copy_(0, found.missing, self._read_missing(name, rows.index_select(0, found.missing), found))
+        return out
+
+    def _read_missing(self, name: str, rows: torch.Tensor, found: _Found) -> torch.Tensor:
+        """Rows (M,) of array ``name`` that are in no slot and not in the list (``found.missing``): (M, ...), from
+        the batch in flight, else from the files."""
+        if not found.in_flight.numel():
+            return self.read_rows(name, rows)
+        batch = found.flight.values[name]
+        out = batch.new_empty(rows.numel(), *batch.shape[1:])
+        out.index_copy_(0, found.in_flight, batch.index_select(0, found.flight_index))
+        if found.in_files.numel():
+            out.index_copy_(0, found.in_files, self.read_rows(name, rows.index_select(0, found.in_files)))
         return out
 
     def write(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
-        """Set rows (U,) distinct of array ``name`` to ``values`` (U, ...)."""
+        """Set rows (U,) distinct of array ``name`` to ``values`` (U, ...).
+
+        Raises the error of a failed background write-back (see ``wait``) before changing anything.
+        """
+        if self._writing is not None and self._writing.done.done():
+            self.wait()
         self.clock += 1
         found = self._find(rows)
         self.stamps.view(-1)[found.slots] = self.clock
@@ -201,16 +274,21 @@ class WriteBuffer:
     def _claim(self, name: str, rows: torch.Tensor, values: torch.Tensor, found: _Found) -> None:
         """Bring rows (N,) that are not buffered into the buffer, with ``values`` (N, ...) of array ``name``.
 
-        Their other arrays are read from the files first (a failed read changes nothing). Rows that
-        get a slot displace its row to the overflow list; rows that get none go to the list themselves.
+        Their other arrays are read first, from the batch in flight or the files (a failed read changes
+        nothing). Rows that get a slot displace its row to the overflow list; rows that get none go to
+        the list themselves.
         """
         won, won_slots = self._place(found.sets.index_select(0, found.missing))
-        loaded = {other: self.read_rows(other, rows) for other in self.arrays if other != name}
+        loaded = {other: self._read_missing(other, rows, found) for other in self.arrays if other != name}
         loaded[name] = values
         winners, losers = won.nonzero().squeeze(1), (~won).nonzero().squeeze(1)
         tags, stamps = self.tags.view(-1), self.stamps.view(-1)
         victims = tags[won_slots]
         occupied = (victims != EMPTY).nonzero().squeeze(1)
+        if self._writing is not None and self.overflow_rows.numel() + occupied.numel() + losers.numel() > (
+            self.overflow_capacity
+        ):  # the list will be written back: after the batch in flight, whose error is raised before any change
+            self.wait()
         victim_slots = won_slots[occupied]
         out_rows = torch.cat([victims[occupied], rows[losers]])
         out_values = {n: torch.cat([self.data[n][victim_slots], loaded[n][losers]]) for n in self.arrays}
@@ -245,13 +323,19 @@ class WriteBuffer:
     def _to_overflow(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
         """Put rows (K,), in no slot and not in the list, with ``values`` (name -> (K, ...)) into the overflow list.
 
-        A full list is written back first; rows that do not fit even in an empty one go to the files.
+        A full list is written back first (sealed, with ``background``); rows that do not fit even in an
+        empty one go to the files, with the list, on this thread. Either way, ``_claim`` has waited for the
+        batch in flight first.
         """
-        if self.overflow_rows.numel() + rows.numel() > self.overflow_capacity:
-            self._write_back_overflow()
         if rows.numel() > self.overflow_capacity:
+            self._write_back_overflow()
             self._write_back_rows(rows, values)
             return
+        if self.overflow_rows.numel() + rows.numel() > self.overflow_capacity:
+            if self.background:
+                self._seal_overflow()
+            else:
+                self._write_back_overflow()
         self.overflow_rows, order = torch.cat([self.overflow_rows, rows]).sort()
         for name, value in values.items():
             self.overflow[name] = torch.cat([self.overflow[name], value.to(self.overflow[name].dtype)])[order]
@@ -261,6 +345,31 @@ class WriteBuffer:
         if self.overflow_rows.numel():
             self._write_back_rows(self.overflow_rows, self.overflow)
         self._clear_overflow()
+
+    def _seal_overflow(self) -> None:
+        """Hand the overflow list (nothing in flight) to the worker and start an empty one."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-write-back")
+        rows, values = self.overflow_rows, self.overflow
+        done = self._worker.submit(self._write_back_rows, rows, values)
+        self._writing = _Batch(rows, values, done)  # in flight before the list is emptied, for a concurrent reader
+        self._clear_overflow()
+
+    def wait(self) -> None:
+        """Wait until the batch in flight (if any) is written back, then drop it.
+
+        Raises:
+            Exception: the error of its write-back, which keeps the batch (its rows are still read from
+                it) and is raised again at every later change, until ``discard``.
+        """
+        batch = self._writing
+        if batch is None:
+            return
+        error = batch.done.exception()  # waits for it
+        if error is not None:
+            raise error
+        self._writing = None
+        self._placement += 1
 
     def _clear_overflow(self) -> None:
         self.overflow_rows = self.overflow_rows[:0]
@@ -275,7 +384,11 @@ class WriteBuffer:
             self.write_rows(name, rows, value[order].to(self.arrays[name].dtype))
 
     def write_back_all(self) -> None:
-        """Write every buffered row back and empty the buffer (before a flush of the files)."""
+        """Write every buffered row back and empty the buffer (before a flush of the files).
+
+        The batch in flight is written first (``wait``, whose error this raises); the rest on this thread.
+        """
+        self.wait()
         tags = self.tags.view(-1)
         slots = (tags != EMPTY).nonzero().squeeze(1)
         if slots.numel() or self.overflow_rows.numel():
@@ -285,7 +398,14 @@ class WriteBuffer:
         self.discard()
 
     def discard(self) -> None:
-        """Forget every buffered row without writing it (after a rollback)."""
+        """Forget every buffered row without writing it (before a rollback).
+
+        A batch in flight is waited for and forgotten, failed or not: the rollback undoes whatever part of
+        it reached the files from the journal, which recorded it first.
+        """
+        if self._writing is not None:
+            wait_for([self._writing.done])
+            self._writing = None
         self.tags.fill_(EMPTY)
         self.stamps.fill_(_NEVER)
         self._clear_overflow()
