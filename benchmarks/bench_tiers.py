@@ -134,7 +134,8 @@ READ_STATE = "read_rows: state files"
 READ_PAGES = "pages of the weight file read"
 ADVISE = "will_need (probe + advise)"
 READ_AHEAD = "read-ahead of the next batch (background)"
-WRITE_BACK = "write buffer: write back to files"  # a breakdown label
+WRITE_BACK = "write buffer: write back to files"  # breakdown labels
+WRITE_BACK_WAIT = "write buffer: wait for its worker"
 # what "disk-warm-on" (rows verified on read) is compared with, the configurations being otherwise the same
 CHECKSUM_BASELINES = {
     "disk-warm-unverified": "not verified (checksums still written)",
@@ -574,8 +575,9 @@ class Probe:
             if not self.enabled:
                 return function(*args, **kwargs)
             name = label
-            if label == WRITE_BACK:  # WriteBuffer._write_back_rows(self, rows, values)
-                self.rows_written_back += args[1].numel()
+            if label == WRITE_BACK:  # WriteBuffer._write_back_rows(self, rows, values), maybe on its worker
+                with self._lock:
+                    self.rows_written_back += args[1].numel()
             if name == "read_rows":  # TableFile.read_rows(self, rows, ...): by file
                 name = READ_WEIGHT if args[0].path.name == "weight.table" else READ_STATE
                 pages = int(page_runs(args[1], args[0].record_bytes)[1].sum()) if name == READ_WEIGHT else 0
@@ -615,6 +617,7 @@ class Probe:
             (UndoJournal, "protect", "journal protect"),
             (OffloadedTable, "scatter", "write_rows"),  # the optimizer's (unchecked) row writes
             (WriteBuffer, "_write_back_rows", WRITE_BACK),
+            (WriteBuffer, "wait", WRITE_BACK_WAIT),
             (journal_module.os, "fsync", "fsync (any file)"),
             (table_file_module, "row_checksums", "row checksums (reads and writes)"),
             (TableFile, "read_rows", "read_rows"),
@@ -770,6 +773,7 @@ BREAKDOWN_ORDER = [
     "fsync (any file)",
     "write_rows",
     WRITE_BACK,
+    WRITE_BACK_WAIT,
     "row checksums (reads and writes)",
     ADVISE,
     READ_AHEAD,
@@ -1078,7 +1082,9 @@ def main(argv: list[str] | None = None) -> int:
                 out += [
                     f"Where the time goes: mean ms per step over {args.breakdown} extra steps per configuration, "
                     "timers around the library's methods (nested: 'forward' contains the lookup, which contains "
-                    "the wait; 'fetch' runs in the prefetch thread when prefetch is on, overlapping the compute).",
+                    "the wait; 'fetch' runs in the prefetch thread when prefetch is on, overlapping the compute, and "
+                    "the write buffer's write-back on its worker thread, the training thread waiting only where the "
+                    "next column says).",
                     "",
                     *breakdown_lines(bench, workload, md),
                     "",
