@@ -78,7 +78,7 @@ file per second of ``TableFile.read_rows``, in the breakdown steps) is reported 
 ``--verify-gib N`` also times ``verify_tables`` (``engram tables verify``) over a table file of
 N GiB written for it, with its pages in the page cache (just written) and dropped from it.
 
-About 4 minutes on a 2-core machine with the defaults (512 MiB table). Exits 0 whether or not the
+About 6 minutes on a 2-core machine with the defaults (512 MiB table). Exits 0 whether or not the
 target is met; the output says whether it is.
 """
 
