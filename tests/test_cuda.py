@@ -18,19 +18,21 @@ Tolerances, where a comparison is not exact:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from engram import EngramConfig, EngramIndexer, NgramHasher
-from engram.model import EngramLM, ModelConfig
+from engram import EngramIndexer, NgramHasher
+from engram.model import EngramLM
 from engram.storage import DiskTable, HostTable, StorageConfig, place_tables
 from engram.training import RowAdam, seed_everything
 from tests.test_hashing import _random_config, _reference_for
 from tests.test_layer import _hash_ids, _layer
 from tests.test_tiers import _batch, _same_weights
+from tests.test_training import MODEL as TRAINING_MODEL
 
 ON_CPU = os.environ.get("ENGRAM_CUDA_TESTS_ON_CPU") == "1" and not torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -51,22 +53,7 @@ def no_tf32():
 
 
 # A model without MoE: its forward and backward use no atomics, so two tiers differ only in the tables.
-MODEL = ModelConfig(
-    vocab_size=1024,
-    d_model=32,
-    n_layers=2,
-    n_heads=2,
-    ffn_hidden=64,
-    max_seq_len=64,
-    engram=EngramConfig(
-        layer_ids=[1],
-        max_ngram_size=3,
-        n_head_per_ngram=2,
-        n_embed_per_ngram=32,
-        engram_vocab_size=[3001, 3001],
-        pad_id=0,
-    ),
-)
+MODEL = dataclasses.replace(TRAINING_MODEL, moe=None)
 
 
 # -- hashing ----------------------------------------------------------------------------------------------

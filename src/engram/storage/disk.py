@@ -37,7 +37,7 @@ from engram.storage.base import Durable
 from engram.storage.init import draw_seed
 from engram.storage.journal import UndoJournal
 from engram.storage.offload import OffloadedTable
-from engram.storage.prefetch import run_after_fetches, wait_for_background
+from engram.storage.prefetch import FetchedRows, run_after_fetches, wait_for_background
 from engram.storage.table_file import ADVISE_MIN_ROWS, RowCheck, TableFile, TableFileError
 from engram.storage.write_buffer import WriteBuffer
 
@@ -234,25 +234,25 @@ class DiskTable(OffloadedTable, Durable):
     def _read_weight(self, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         buffer = self.buffer()
         if buffer is None:
-            values = self._file_read("weight", rows, out)
-        else:
-            values = buffer.read("weight", rows)
-            values = values if out is None else out.copy_(values)
-        if self.training and self._state_files:
-            self._advise_state(rows if buffer is None else rows[~buffer.resident(rows)])
-        return values
+            return self._file_read("weight", rows, out)
+        values = buffer.read("weight", rows)
+        return values if out is None else out.copy_(values)
 
-    def _advise_state(self, rows: torch.Tensor) -> None:
-        """Start reading the optimizer-state pages of ``rows`` (U,) that are not in the page cache.
+    def fetch(self, indices: torch.Tensor) -> FetchedRows:
+        """``OffloadedTable.fetch``; in training mode it also starts reading the rows' optimizer-state pages.
 
         A table in training mode fetches the rows its optimizer will update: their state rows will be
         read from the files at the optimizer step (those not in the write-back buffer). Advising their
-        pages now (``TableFile.will_need``), from the fetch, lets the disk read them while the model
-        computes, instead of one page fault after another in the optimizer step.
+        pages now (``TableFile.will_need``) lets the disk read them while the model computes, instead
+        of one page fault after another in the optimizer step.
         """
-        if rows.numel() >= ADVISE_MIN_ROWS:
-            for state_file in self._state_files.values():
-                state_file.will_need(rows)
+        fetched = super().fetch(indices)
+        if self.training and self._state_files:
+            rows = fetched.rows if self._buffer is None else fetched.rows[~self._buffer.resident(fetched.rows)]
+            if rows.numel() >= ADVISE_MIN_ROWS:
+                for state_file in self._state_files.values():
+                    state_file.will_need(rows)
+        return fetched
 
     @property
     def reads_ahead(self) -> bool:
@@ -279,7 +279,8 @@ class DiskTable(OffloadedTable, Durable):
         """Advise the pages of ``rows`` (any order, repeats allowed) that neither the write-back buffer nor the
         hot-row cache holds: weight, and optimizer state if ``training``. True if it asked for any."""
         files = [self.weight_file, *(self._state_files.values() if training else ())]
-        if all(table_file.looks_cached(rows) for table_file in files):  # warm: a few system calls, nothing else
+        uncached = [table_file for table_file in files if not table_file.looks_cached(rows)]
+        if not uncached:  # warm: a few system calls, nothing else
             return False
         rows = torch.unique(rows)
         if self._buffer is not None:
@@ -290,9 +291,8 @@ class DiskTable(OffloadedTable, Durable):
             rows = rows[~self.cache.holds(rows)]
         if rows.numel() < ADVISE_MIN_ROWS:
             return False
-        self.weight_file.will_need(rows)
-        if training and self._state_files:
-            self._advise_state(rows)
+        for table_file in uncached:  # probed above
+            table_file.will_need(rows, check_resident=False)
         return True
 
     def _file_read(self, name: str, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
