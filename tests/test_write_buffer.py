@@ -58,6 +58,8 @@ def test_reads_see_every_write_and_write_back_leaves_the_arrays_right(slots, way
     for _ in range(60):
         rows = torch.randperm(100, generator=generator)[: int(torch.randint(1, 30, (1,), generator=generator))]
         rows = rows.sort().values
+        for name in logical:  # an optimizer reads every array of rows equal to those its fetch looked up
+            assert torch.equal(buffer.read(name, rows.clone()), logical[name][rows]), name
         for name in ("row_step", "exp_avg", "weight"):  # an optimizer's order: every array of the same rows
             if name == "row_step":
                 values = logical[name][rows] + 1
@@ -65,9 +67,9 @@ def test_reads_see_every_write_and_write_back_leaves_the_arrays_right(slots, way
                 values = torch.randn(rows.numel(), 4, generator=generator)
             buffer.write(name, rows, values)
             logical[name][rows] = values
-        probe = torch.randperm(100, generator=generator)[:40]
-        for name in logical:
-            assert torch.equal(buffer.read(name, probe), logical[name][probe]), name
+        for probe in torch.randperm(100, generator=generator).view(2, 50):  # two probes of one shape
+            for name in logical:
+                assert torch.equal(buffer.read(name, probe), logical[name][probe]), name
         assert buffer.buffered_rows <= slots + overflow
         assert buffer.buffered().numel() == buffer.buffered_rows == len(set(buffer.buffered().tolist()))
     buffer.write_back_all()
@@ -125,6 +127,37 @@ def test_rows_come_from_the_read_callback_and_a_failed_read_changes_nothing():
     assert torch.equal(buffer.read("weight", torch.tensor([1, 2])), torch.ones(2, 4))  # still buffered
     for name in backing:
         assert torch.equal(backing[name], snapshot[name]), name  # row 1 was not written back
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_step_reads_each_array_of_a_row_from_the_files_once(background):
+    """An optimizer step reads every array of its rows, then writes them: the rows that were not buffered
+    are read from the files by the reads, and the claims of the writes bring them in without reading again."""
+    backing = _arrays(100)
+    logical = {name: array.clone() for name, array in backing.items()}
+    reads: list[tuple[str, int]] = []
+
+    def read_rows(name: str, rows: torch.Tensor) -> torch.Tensor:
+        reads.append((name, rows.numel()))
+        return backing[name].index_select(0, rows)
+
+    buffer = WriteBuffer(
+        backing, (32 + 4) * SLOT_BYTES, read_rows=read_rows, ways=4, overflow_rows=4, background=background
+    )
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        rows = torch.randperm(100, generator=generator)[:12].sort().values
+        new = int((~buffer.resident(rows)).sum())
+        reads.clear()
+        for name in logical:
+            assert torch.equal(buffer.read(name, rows.clone()), logical[name][rows]), name
+        assert sorted(reads) == (sorted((name, new) for name in logical) if new else [])
+        _step(buffer, logical, rows, generator)
+        assert len(reads) == (len(logical) if new else 0)  # nothing more was read
+        assert _same(buffer, logical, torch.arange(100))
+    buffer.write_back_all()
+    for name in logical:
+        assert torch.equal(backing[name], logical[name]), name
 
 
 class ReferenceBuffer:

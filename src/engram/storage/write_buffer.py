@@ -98,6 +98,16 @@ class _Found(NamedTuple):
     in_flight: torch.Tensor  # (F,) indices into ``missing`` of the rows in ``flight``, ascending
     flight_index: torch.Tensor  # (F,) their index in the batch
     in_files: torch.Tensor  # (M - F,) indices into ``missing`` of the rows only in the files, ascending
+    loaded: dict[str, torch.Tensor]  # name -> (M, ...) the missing rows' values, once read (batch or files)
+
+
+class _Memo(NamedTuple):
+    """The last ``_find``: its answer holds while the placement is the same and the rows are equal."""
+
+    rows: torch.Tensor  # (U,)
+    version: int  # rows._version when looked up: an in-place change of the rows makes the memo stale
+    placement: int  # WriteBuffer._placement the answer is about
+    found: _Found
 
 
 class WriteBuffer:
@@ -159,7 +169,7 @@ class WriteBuffer:
         self._worker: ThreadPoolExecutor | None = None  # created at the first sealed list
         self._writing: _Batch | None = None  # the sealed overflow list the worker is writing back
         self._placement = 0  # changes whenever a row enters or leaves a place: ``_find``'s memo is then stale
-        self._memo: tuple | None = None  # (rows, rows._version, _placement, _Found) of the last find
+        self._memo: _Memo | None = None
 
     @property
     def buffered_rows(self) -> int:
@@ -178,44 +188,57 @@ class WriteBuffer:
     def _find(self, rows: torch.Tensor) -> _Found:
         """Where ``rows`` (U,) are.
 
-        An optimizer step reads and writes every array of the same rows tensor (eight calls for
-        Adam), so the answer for the last rows tensor is kept while neither it (``_version``) nor the
-        buffer's placement changes: the (U, W) tag comparison then runs once or twice per step.
+        An optimizer step reads and writes every array of the same rows (eight calls for Adam), and
+        they are the rows its fetch looked up on the prefetch thread; so the last answer is kept while
+        the buffer's placement does not change and the rows are equal to its rows (the same tensor
+        unchanged, or another with the same values), and a claim leaves the answer for its rows. The
+        (U, W) tag comparison then runs about once per step, at the fetch; the missing rows' values,
+        once read, are kept with it for the claim that brings them in.
         """
         memo, placement = self._memo, self._placement  # the placement this answer is about, read first
-        if memo is not None and memo[0] is rows and memo[1] == rows._version and memo[2] == placement:
-            return memo[3]
+        if (
+            memo is not None
+            and memo.placement == placement
+            and memo.rows._version == memo.version
+            and (memo.rows is rows or (memo.rows.shape == rows.shape and torch.equal(memo.rows, rows)))
+        ):
+            return memo.found
         sets = self.set_of(rows)
         # (U, W) tag comparison; a row sits in at most one way of its set, so each position matches once
-        positions, ways = torch.nonzero(self.tags[sets] == rows.unsqueeze(1), as_tuple=True)
-        slots = sets[positions] * self.ways + ways
-        over_positions = over_index = torch.empty(0, dtype=torch.long)
-        count = self.overflow_rows.numel()
-        if count:
-            index = torch.searchsorted(self.overflow_rows, rows).clamp_(max=count - 1)
-            over_positions = (self.overflow_rows[index] == rows).nonzero().squeeze(1)
-            over_index = index[over_positions]
-        missing = torch.empty(0, dtype=torch.long)
-        if positions.numel() + over_positions.numel() < rows.numel():
+        positions, ways = torch.nonzero(self.tags.index_select(0, sets) == rows.unsqueeze(1), as_tuple=True)
+        found = self._locate(rows, sets, positions, sets.index_select(0, positions) * self.ways + ways)
+        self._memo = _Memo(rows, rows._version, placement, found)
+        return found
+
+    def _locate(self, rows: torch.Tensor, sets: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> _Found:
+        """Where ``rows`` (U,) of sets ``sets`` (U,) are, given those held in a slot (``positions`` (H,) ascending,
+        their ``slots`` (H,)): the others are looked up in the overflow list, then in the batch in flight."""
+        empty = torch.empty(0, dtype=torch.long)
+        rest = empty  # positions of the rows in no slot
+        if positions.numel() < rows.numel():
             mask = torch.ones(rows.numel(), dtype=torch.bool)
             mask[positions] = False
-            mask[over_positions] = False
-            missing = mask.nonzero().squeeze(1)
+            rest = mask.nonzero().squeeze(1)
+        missing, over_positions, over_index = rest, empty, empty
+        listed = self.overflow_rows
+        if listed.numel() and rest.numel():
+            wanted = rows.index_select(0, rest)
+            index = torch.searchsorted(listed, wanted).clamp_(max=listed.numel() - 1)
+            hit = listed.index_select(0, index) == wanted
+            over_positions, over_index, missing = rest[hit], index[hit], rest[~hit]
         # read after the list: a sealed list is in flight before the new, empty list replaces it
         flight = self._writing
-        in_flight = flight_index = torch.empty(0, dtype=torch.long)
+        in_flight = flight_index = empty
         in_files = torch.arange(missing.numel())
         if flight is not None and missing.numel():
             wanted = rows.index_select(0, missing)
             index = torch.searchsorted(flight.rows, wanted).clamp_(max=flight.rows.numel() - 1)
-            hit = flight.rows[index] == wanted
+            hit = flight.rows.index_select(0, index) == wanted
             in_flight, in_files = hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
             flight_index = index[in_flight]
-        found = _Found(
-            sets, positions, slots, over_positions, over_index, missing, flight, in_flight, flight_index, in_files
+        return _Found(
+            sets, positions, slots, over_positions, over_index, missing, flight, in_flight, flight_index, in_files, {}
         )
-        self._memo = (rows, rows._version, placement, found)
-        return found
 
     def resident(self, rows: torch.Tensor) -> torch.Tensor:
         """(U,) bool: which of ``rows`` (U,) are in the buffer (its sets, its overflow list or the batch in flight)."""
@@ -230,26 +253,34 @@ class WriteBuffer:
         data = self.data[name]
         if found.positions.numel() == rows.numel():  # all in slots (positions is then 0..U-1)
             return data.index_select(0, found.slots)
-        if found.missing.numel() == rows.numel():
-            return self._read_missing(name, rows, found)
         out = data.new_empty(rows.numel(), *data.shape[1:])
         out.index_copy_(0, found.positions, data.index_select(0, found.slots))
         out.index_copy_(0, found.over_positions, self.overflow[name].index_select(0, found.over_index))
         if found.missing.numel():  # only rows not buffered touch the file
-            out.index_copy_(0, found.missing, self._read_missing(name, rows.index_select(0, found.missing), found))
+            out.index_copy_(0, found.missing, self._missing_values(name, rows, found))
         return out
 
-    def _read_missing(self, name: str, rows: torch.Tensor, found: _Found) -> torch.Tensor:
-        """Rows (M,) of array ``name`` that are in no slot and not in the list (``found.missing``): (M, ...), from
-        the batch in flight, else from the files."""
+    def _missing_values(self, name: str, rows: torch.Tensor, found: _Found) -> torch.Tensor:
+        """Array ``name``'s values (M, ...) of the rows of ``rows`` (U,) in no slot and not in the list
+        (``found.missing``), from the batch in flight, else from the files; read once per ``found``.
+
+        The answer is kept in ``found.loaded`` (and must not be changed): the files do not change while
+        ``found`` holds (the worker writes only rows of the batch, which are read from the batch).
+        """
+        values = found.loaded.get(name)
+        if values is not None:
+            return values
+        rows = rows.index_select(0, found.missing)
         if not found.in_flight.numel():
-            return self.read_rows(name, rows)
-        batch = found.flight.values[name]
-        out = batch.new_empty(rows.numel(), *batch.shape[1:])
-        out.index_copy_(0, found.in_flight, batch.index_select(0, found.flight_index))
-        if found.in_files.numel():
-            out.index_copy_(0, found.in_files, self.read_rows(name, rows.index_select(0, found.in_files)))
-        return out
+            values = self.read_rows(name, rows)
+        else:
+            batch = found.flight.values[name]
+            values = batch.new_empty(rows.numel(), *batch.shape[1:])
+            values.index_copy_(0, found.in_flight, batch.index_select(0, found.flight_index))
+            if found.in_files.numel():
+                values.index_copy_(0, found.in_files, self.read_rows(name, rows.index_select(0, found.in_files)))
+        found.loaded[name] = values
+        return values
 
     def write(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Set rows (U,) distinct of array ``name`` to ``values`` (U, ...).
@@ -260,7 +291,7 @@ class WriteBuffer:
             self.wait()
         self.clock += 1
         found = self._find(rows)
-        self.stamps.view(-1)[found.slots] = self.clock
+        self.stamps.view(-1).index_fill_(0, found.slots, self.clock)
         data = self.data[name]
         values = values.to(data.dtype)
         if found.positions.numel() == rows.numel():  # all in slots: the usual case once a step's rows are claimed
@@ -269,18 +300,20 @@ class WriteBuffer:
         data.index_copy_(0, found.slots, values.index_select(0, found.positions))
         self.overflow[name].index_copy_(0, found.over_index, values.index_select(0, found.over_positions))
         if found.missing.numel():
-            self._claim(name, rows.index_select(0, found.missing), values.index_select(0, found.missing), found)
+            self._claim(name, rows, values, found)
 
     def _claim(self, name: str, rows: torch.Tensor, values: torch.Tensor, found: _Found) -> None:
-        """Bring rows (N,) that are not buffered into the buffer, with ``values`` (N, ...) of array ``name``.
+        """Bring the rows of ``rows`` (U,) that are not buffered (``found.missing``, N of them) into the buffer,
+        with their ``values`` of array ``name`` (from ``values`` (U, ...)).
 
         Their other arrays are read first, from the batch in flight or the files (a failed read changes
         nothing). Rows that get a slot displace its row to the overflow list; rows that get none go to
-        the list themselves.
+        the list themselves. Leaves ``_find``'s answer for ``rows``.
         """
         won, won_slots = self._place(found.sets.index_select(0, found.missing))
-        loaded = {other: self._read_missing(other, rows, found) for other in self.arrays if other != name}
-        loaded[name] = values
+        loaded = {other: self._missing_values(other, rows, found) for other in self.arrays if other != name}
+        loaded[name] = values.index_select(0, found.missing)
+        claimed = rows.index_select(0, found.missing)
         winners, losers = won.nonzero().squeeze(1), (~won).nonzero().squeeze(1)
         tags, stamps = self.tags.view(-1), self.stamps.view(-1)
         victims = tags[won_slots]
@@ -290,15 +323,22 @@ class WriteBuffer:
         ):  # the list will be written back: after the batch in flight, whose error is raised before any change
             self.wait()
         victim_slots = won_slots[occupied]
-        out_rows = torch.cat([victims[occupied], rows[losers]])
+        out_rows = torch.cat([victims[occupied], claimed[losers]])
         out_values = {n: torch.cat([self.data[n][victim_slots], loaded[n][losers]]) for n in self.arrays}
         for n, data in self.data.items():
             data[won_slots] = loaded[n][winners].to(data.dtype)
-        tags[won_slots] = rows[winners]
+        tags[won_slots] = claimed[winners]
         stamps[won_slots] = self.clock
         self._placement += 1
         if out_rows.numel():
             self._to_overflow(out_rows, out_values)
+        # the rows held in a slot now: those that were, and the winners (a claim displaces no row of its call)
+        slot_of = torch.full((rows.numel(),), EMPTY, dtype=torch.long)
+        slot_of[found.positions] = found.slots
+        slot_of[found.missing[winners]] = won_slots
+        positions = (slot_of != EMPTY).nonzero().squeeze(1)
+        located = self._locate(rows, found.sets, positions, slot_of.index_select(0, positions))
+        self._memo = _Memo(rows, rows._version, self._placement, located)
 
     def _place(self, new_sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Slots for newcomers of sets ``new_sets`` (N,), in the call's order: (won (N,) bool, winners' slots (M,)).
@@ -368,8 +408,9 @@ class WriteBuffer:
         error = batch.done.exception()  # waits for it
         if error is not None:
             raise error
+        # No row moves: the files now hold the batch's rows, with the values an answer of ``_find`` that
+        # points into the batch still reads there, so the placement stays.
         self._writing = None
-        self._placement += 1
 
     def _clear_overflow(self) -> None:
         self.overflow_rows = self.overflow_rows[:0]
