@@ -591,9 +591,9 @@ class Probe:
                     self.rows["buffer reads"] += args[2].numel()
                     self.rows["buffer hits"] += int(args[0].resident(args[2]).sum())
                 return function(*args, **kwargs)
-            if name == "write buffer claim":  # WriteBuffer._claim(self, name, rows, values, found): rows entering
-                with self._lock:
-                    self.rows["buffer claims"] += args[2].numel()
+            if name == "write buffer claim":  # WriteBuffer._claim(self, name, rows, values, found): the rows
+                with self._lock:  # of found.missing enter
+                    self.rows["buffer claims"] += args[4].missing.numel()
                 return function(*args, **kwargs)
             if name == "write buffer overflow":  # WriteBuffer._to_overflow(self, rows, values): rows leaving a slot
                 with self._lock:  # (displaced by a newcomer, or a newcomer whose set is full)
