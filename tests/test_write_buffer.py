@@ -11,6 +11,7 @@ import torch
 
 from engram.storage import DiskTable, write_buffer
 from engram.storage.journal import UndoJournal
+from engram.storage.table_file import TableFile, TableFileError
 from engram.storage.write_buffer import WriteBuffer
 from engram.training import Trainer, seed_everything
 from tests.corpus import sonnets_tokens
@@ -484,6 +485,67 @@ def test_disk_tables_write_back_in_the_background_and_train_as_device_tables(
     disk_table.close()
 
 
+def _small_buffered_table(directory) -> DiskTable:
+    """A disk table of 2,000 rows of 4 floats with ``exp_avg`` and ``row_step`` state, a buffer of 160 rows."""
+    slot_bytes = 16 + 4 * 4 + 4 * 4 + 8  # tag and stamp, weight, exp_avg, row_step
+    table = DiskTable(directory, 2000, 4, init_std=1.0, seed=0, write_buffer_bytes=160 * slot_bytes)
+    table.row_state("exp_avg", (4,))
+    table.row_state("row_step", (), torch.int64)
+    return table
+
+
+def _update_rows(table: DiskTable, count: int, generator: torch.Generator) -> None:
+    """``count`` optimizer-like updates of 10 random rows of a ``_small_buffered_table``."""
+    for _ in range(count):
+        rows = torch.randperm(2000, generator=generator)[:10]
+        table.begin_update(rows)
+        table.write_state("row_step", rows, table.read_state("row_step", rows) + 1)
+        table.write_state("exp_avg", rows, torch.randn(10, 4, generator=generator))
+        table.write_rows(rows, torch.randn(10, 4, generator=generator))
+
+
+def test_a_failed_background_write_back_is_raised_at_close_which_still_closes_the_table(tmp_path, monkeypatch):
+    """A write-back that fails on the worker (a full disk): ``close`` raises its error, and closes the files and
+    stops the worker all the same; the table reopens, and restoring its checkpoint undoes what was written back."""
+    monkeypatch.setattr(write_buffer, "OVERFLOW_SHARE", 2)  # 80 slots and an 80-row list
+    table = _small_buffered_table(tmp_path / "t")
+    generator = torch.Generator().manual_seed(8)
+    everything = torch.arange(2000)
+    _update_rows(table, 30, generator)
+    table.prepare_checkpoint(1)
+    table.commit_checkpoint(1)
+    saved = {"weight": table.read_rows(everything), **{n: a.clone() for n, a in table.row_states().items()}}
+    workers: list[threading.Thread] = []
+    write_rows = TableFile.write_rows
+
+    def failing(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        if threading.current_thread().name.startswith("engram-write-back"):
+            workers.append(threading.current_thread())
+            write_rows(self, rows[: rows.numel() // 2], values[: rows.numel() // 2])  # part of it reaches the file
+            raise OSError("no space left on device")
+        write_rows(self, rows, values)
+
+    monkeypatch.setattr(TableFile, "write_rows", failing)
+    with pytest.raises(OSError, match="no space left"):  # at the first change after the failed write-back
+        for _ in range(200):
+            _update_rows(table, 1, generator)
+    assert workers
+    with pytest.raises(OSError, match="no space left"):
+        table.close()
+    assert not workers[0].is_alive()
+    with pytest.raises(TableFileError, match="is closed"):
+        table.weight_file.read_rows(everything[:1])
+    monkeypatch.undo()
+
+    reopened = DiskTable(tmp_path / "t")
+    assert reopened.metadata["dirty"]  # the failed batch changed the files after the checkpoint
+    reopened.restore_checkpoint(1)
+    assert torch.equal(reopened.read_rows(everything), saved["weight"])
+    for name in ("exp_avg", "row_step"):
+        assert torch.equal(reopened.row_states()[name], saved[name]), name
+    reopened.close()
+
+
 def test_a_crash_after_background_write_backs_rolls_back_to_the_checkpoint(tmp_path, monkeypatch):
     """Rows written back on the worker after a checkpoint were journaled there first: after a crash (the
     table dropped unflushed, its buffered rows lost) the files roll back to the checkpoint, bit for bit."""
@@ -496,26 +558,15 @@ def test_a_crash_after_background_write_backs_rolls_back_to_the_checkpoint(tmp_p
         protect(self, rows)
 
     monkeypatch.setattr(UndoJournal, "protect", recorded)
-    slot_bytes = 16 + 4 * 4 + 4 * 4 + 8  # tag and stamp, weight, exp_avg, row_step
-    table = DiskTable(tmp_path / "t", 2000, 4, init_std=1.0, seed=0, write_buffer_bytes=160 * slot_bytes)
-    table.row_state("exp_avg", (4,))
-    table.row_state("row_step", (), torch.int64)
+    table = _small_buffered_table(tmp_path / "t")
     generator = torch.Generator().manual_seed(7)
     everything = torch.arange(2000)
 
-    def steps(table: DiskTable, count: int) -> None:
-        for _ in range(count):
-            rows = torch.randperm(2000, generator=generator)[:10]
-            table.begin_update(rows)
-            table.write_state("row_step", rows, table.read_state("row_step", rows) + 1)
-            table.write_state("exp_avg", rows, torch.randn(10, 4, generator=generator))
-            table.write_rows(rows, torch.randn(10, 4, generator=generator))
-
-    steps(table, 30)
+    _update_rows(table, 30, generator)
     table.prepare_checkpoint(1)
     table.commit_checkpoint(1)
     saved = {"weight": table.read_rows(everything), **{n: a.clone() for n, a in table.row_states().items()}}
-    steps(table, 60)
+    _update_rows(table, 60, generator)
     assert table.buffer().buffered_rows > 0  # rows the crash loses
     assert sum(thread.startswith("engram-write-back") for thread in threads) >= 3  # journaled on the worker
     table.buffer().wait()  # a crash after the write-back in flight (a test's crash does not stop the worker)

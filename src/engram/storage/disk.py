@@ -437,11 +437,21 @@ class DiskTable(OffloadedTable, Durable):
             )
 
     def close(self) -> None:
-        """Flush and unmap the files; the table cannot be used afterwards."""
+        """Flush and unmap the files, and stop the write buffer's worker; the table cannot be used afterwards.
+
+        Raises:
+            Exception: the error of a failed write-back of the write buffer (``WriteBuffer.wait``). The files
+                are closed all the same, holding what a crash would leave: the last checkpoint's rows and,
+                undone by the journal when that checkpoint is restored, the rows written back since.
+        """
         wait_for_background(self)  # its fetches and read-aheads use the files
-        self.flush()
-        for table_file in self._files().values():
-            table_file.close()
+        try:
+            self.flush()
+        finally:
+            if self._buffer is not None:
+                self._buffer.close()
+            for table_file in self._files().values():
+                table_file.close()
 
     def extra_repr(self) -> str:
         return f"directory={str(self.directory)!r}, {super().extra_repr()}"

@@ -438,6 +438,16 @@ class WriteBuffer:
             self._write_back_rows(rows, values)  # one journal record for all of them
         self.discard()
 
+    def close(self) -> None:
+        """Stop the worker thread, once its batch in flight (if any) is done; the buffer is not used afterwards.
+
+        Writes nothing back (``write_back_all`` first for that) and raises nothing: a failed write-back
+        was raised at the change after it, and ``wait`` raises it.
+        """
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
     def discard(self) -> None:
         """Forget every buffered row without writing it (before a rollback).
 
