@@ -504,17 +504,35 @@ def _update_rows(table: DiskTable, count: int, generator: torch.Generator) -> No
         table.write_rows(rows, torch.randn(10, 4, generator=generator))
 
 
+def _checkpointed_table(directory, seed: int) -> tuple[DiskTable, torch.Generator, dict[str, torch.Tensor]]:
+    """A ``_small_buffered_table`` after 30 updates and checkpoint 1: the table, the generator of its updates,
+    and its rows and state arrays at the checkpoint."""
+    table = _small_buffered_table(directory)
+    generator = torch.Generator().manual_seed(seed)
+    _update_rows(table, 30, generator)
+    table.prepare_checkpoint(1)
+    table.commit_checkpoint(1)
+    everything = torch.arange(table.num_rows)
+    saved = {"weight": table.read_rows(everything), **{n: a.clone() for n, a in table.row_states().items()}}
+    return table, generator, saved
+
+
+def _assert_restores_the_checkpoint(directory, saved: dict[str, torch.Tensor]) -> None:
+    """The table at ``directory``, changed in its files since checkpoint 1, returns to ``saved`` bit for bit."""
+    reopened = DiskTable(directory)
+    assert reopened.metadata["dirty"]
+    reopened.restore_checkpoint(1)
+    assert torch.equal(reopened.read_rows(torch.arange(reopened.num_rows)), saved["weight"])
+    for name in ("exp_avg", "row_step"):
+        assert torch.equal(reopened.row_states()[name], saved[name]), name
+    reopened.close()
+
+
 def test_a_failed_background_write_back_is_raised_at_close_which_still_closes_the_table(tmp_path, monkeypatch):
     """A write-back that fails on the worker (a full disk): ``close`` raises its error, and closes the files and
     stops the worker all the same; the table reopens, and restoring its checkpoint undoes what was written back."""
     monkeypatch.setattr(write_buffer, "OVERFLOW_SHARE", 2)  # 80 slots and an 80-row list
-    table = _small_buffered_table(tmp_path / "t")
-    generator = torch.Generator().manual_seed(8)
-    everything = torch.arange(2000)
-    _update_rows(table, 30, generator)
-    table.prepare_checkpoint(1)
-    table.commit_checkpoint(1)
-    saved = {"weight": table.read_rows(everything), **{n: a.clone() for n, a in table.row_states().items()}}
+    table, generator, saved = _checkpointed_table(tmp_path / "t", seed=8)
     workers: list[threading.Thread] = []
     write_rows = TableFile.write_rows
 
@@ -534,16 +552,9 @@ def test_a_failed_background_write_back_is_raised_at_close_which_still_closes_th
         table.close()
     assert not workers[0].is_alive()
     with pytest.raises(TableFileError, match="is closed"):
-        table.weight_file.read_rows(everything[:1])
+        table.weight_file.read_rows(torch.arange(1))
     monkeypatch.undo()
-
-    reopened = DiskTable(tmp_path / "t")
-    assert reopened.metadata["dirty"]  # the failed batch changed the files after the checkpoint
-    reopened.restore_checkpoint(1)
-    assert torch.equal(reopened.read_rows(everything), saved["weight"])
-    for name in ("exp_avg", "row_step"):
-        assert torch.equal(reopened.row_states()[name], saved[name]), name
-    reopened.close()
+    _assert_restores_the_checkpoint(tmp_path / "t", saved)  # the failed batch reached the files in part
 
 
 def test_a_crash_after_background_write_backs_rolls_back_to_the_checkpoint(tmp_path, monkeypatch):
@@ -558,23 +569,10 @@ def test_a_crash_after_background_write_backs_rolls_back_to_the_checkpoint(tmp_p
         protect(self, rows)
 
     monkeypatch.setattr(UndoJournal, "protect", recorded)
-    table = _small_buffered_table(tmp_path / "t")
-    generator = torch.Generator().manual_seed(7)
-    everything = torch.arange(2000)
-
-    _update_rows(table, 30, generator)
-    table.prepare_checkpoint(1)
-    table.commit_checkpoint(1)
-    saved = {"weight": table.read_rows(everything), **{n: a.clone() for n, a in table.row_states().items()}}
+    table, generator, saved = _checkpointed_table(tmp_path / "t", seed=7)
     _update_rows(table, 60, generator)
     assert table.buffer().buffered_rows > 0  # rows the crash loses
     assert sum(thread.startswith("engram-write-back") for thread in threads) >= 3  # journaled on the worker
     table.buffer().wait()  # a crash after the write-back in flight (a test's crash does not stop the worker)
     del table
-
-    reopened = DiskTable(tmp_path / "t")
-    reopened.restore_checkpoint(1)
-    assert torch.equal(reopened.read_rows(everything), saved["weight"])
-    for name in ("exp_avg", "row_step"):
-        assert torch.equal(reopened.row_states()[name], saved[name]), name
-    reopened.close()
+    _assert_restores_the_checkpoint(tmp_path / "t", saved)
