@@ -12,7 +12,10 @@ import torch.distributed as dist
 
 from engram.training.distributed import peer_failure
 
-# Rank 0 reports what its second all-reduce raised; rank 1 hangs or exits before it.
+# Rank 0 reports what its all-reduces after the first raised; rank 1 hangs or exits before them.
+# "hang" waits for one all-reduce; "hang-buckets" starts three at once and waits for each in turn, as
+# DDP's backward pass does with its gradient buckets (the first times out, the others find the
+# connection closed because of it).
 _WORKER = """
 import datetime, os, sys, time, torch, torch.distributed as dist
 from engram.training.distributed import peer_failure
@@ -22,13 +25,15 @@ dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank
 t = torch.ones(4)
 dist.all_reduce(t)
 if rank == 1:
-    if mode == "hang":
+    if mode.startswith("hang"):
         time.sleep(8)
     os._exit(0)
-try:
-    dist.all_reduce(t)
-except RuntimeError as error:
-    print("FAILURE", peer_failure(error))
+works = [dist.all_reduce(torch.ones(4), async_op=True) for _ in range(3 if mode == "hang-buckets" else 1)]
+for work in works:
+    try:
+        work.wait()
+    except RuntimeError as error:
+        print("FAILURE", peer_failure(error))
 """
 
 
@@ -38,7 +43,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize(("mode", "expected"), [("hang", "timed out"), ("exit", "gone")])
+@pytest.mark.parametrize(("mode", "expected"), [("hang", "timed out"), ("hang-buckets", "timed out"), ("exit", "gone")])
 def test_gloo_errors_of_a_hung_or_dead_peer_are_recognised(mode, expected):
     port = str(_free_port())
     ranks = [
@@ -46,7 +51,8 @@ def test_gloo_errors_of_a_hung_or_dead_peer_are_recognised(mode, expected):
         for r in (0, 1)
     ]
     outputs = [p.communicate(timeout=60)[0] for p in ranks]
-    assert f"FAILURE {expected}\n" in outputs[0], outputs
+    expected_lines = 3 if mode == "hang-buckets" else 1
+    assert outputs[0] == f"FAILURE {expected}\n" * expected_lines, outputs
 
 
 def test_other_errors_are_not_blamed_on_another_rank():

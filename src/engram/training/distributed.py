@@ -52,8 +52,10 @@ def init_distributed(timeout_s: float) -> bool:
 
 
 # What gloo's TCP transport says when a peer is silent or gone (it raises a plain RuntimeError);
-# NCCL and the rendezvous store raise ``torch.distributed.DistError`` subclasses instead.
-_GLOO_TIMED_OUT = ("Timed out waiting",)
+# NCCL and the rendezvous store raise ``torch.distributed.DistError`` subclasses instead. After one
+# operation times out gloo closes the pair, and every other operation on it (another gradient bucket
+# of the same backward pass) fails with "Application timeout caused pair closure".
+_GLOO_TIMED_OUT = ("Timed out waiting", "Application timeout caused pair closure")
 _GLOO_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
