@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import resource
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -89,6 +91,38 @@ def test_advised_reads_still_check_every_row(table_file, monkeypatch):
     with pytest.raises(RowChecksumError) as error:
         table_file.read_rows(rows)
     assert error.value.rows == [int(rows[7])]
+
+
+def _major_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+def test_pages_never_written_count_as_missing_and_advice_fills_them_in(tmp_path):
+    """A fresh optimizer-state file is sparse: its pages are holes, zeros that no disk holds. The probe must find
+    them missing, so that the advice fills them in ahead; a probe that reads a page to ask (a non-blocking read
+    of a hole succeeds) would call them cached and leave every first touch to fault on its own."""
+    with TableFile.create(tmp_path / "state.table", 200_000, 16) as state:
+        if not state._probe_residency:
+            pytest.skip("no residency probe on this platform")
+        rows = torch.arange(0, 200_000, 600)  # about one row in every tenth page of the file
+        control, advised = rows[0::2], rows[1::2]
+        state.evict_page_cache()
+        assert not state.looks_cached(control)
+        assert not state.looks_cached(advised)
+        before = _major_faults()
+        assert torch.count_nonzero(state.tensor[control]) == 0  # gathered through the mapping, no advice
+        control_faults = _major_faults() - before
+        assert state.looks_cached(control)  # read now: pages of zeros in the page cache
+        if control_faults < len(control) // 2:
+            pytest.skip(f"first touches of holes took {control_faults} major faults here (a RAM filesystem?)")
+        assert state.will_need(advised) is True
+        deadline = time.monotonic() + WAIT_S
+        while not state.looks_cached(advised) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert state.looks_cached(advised)
+        before = _major_faults()
+        assert torch.count_nonzero(state.tensor[advised]) == 0
+        assert _major_faults() - before < len(advised) // 10  # the advice took the faults ahead
 
 
 class GatedTable(HostTable):

@@ -31,6 +31,7 @@ through ``read_rows`` recompute the checksums and raise ``RowChecksumError`` on 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import json
@@ -41,6 +42,7 @@ import secrets
 import struct
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,12 +83,27 @@ _BLOCK_WORDS = 1 << 18  # words per block of rows: the float64 copy of a block s
 _SHOWN_ROWS = 10  # damaged rows an error message lists
 PAGE_BYTES = mmap.PAGESIZE
 # Cold reads. A read of at least ADVISE_MIN_ROWS rows first probes RESIDENCY_SAMPLES of its pages
-# (one byte each, preadv2 RWF_NOWAIT: fails instead of waiting for the disk); if any is missing from
-# the page cache, all of its pages are advised WILLNEED before the gather.
+# (mincore on the mapping, one page each); if any is missing from the page cache, all of its pages are
+# advised WILLNEED before the gather.
 ADVISE_MIN_ROWS = 64
 RESIDENCY_SAMPLES = 32
 _GAP_BYTES = PAGE_BYTES  # rows written closer than a page apart share one pwrite (TableFile._write_spans)
 _WRITE_CHUNK_ROWS = 8192  # rows per batch of spans: bounds the copy of the gaps (8192 pages at most)
+
+
+def _libc_mincore() -> Callable[..., int] | None:
+    """libc's ``mincore(addr, length, vec)``: which pages of a mapping are in the page cache (bit 0 of each
+    byte of ``vec``); None where it cannot be called."""
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, AttributeError, TypeError):  # no C library to load symbols from (Windows), no mincore
+        return None
+    mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+    mincore.restype = ctypes.c_int
+    return mincore
+
+
+_MINCORE = _libc_mincore()
 
 
 class TableFileError(ValueError):
@@ -310,7 +327,8 @@ class TableFile:
         self._records: torch.Tensor | None = records  # the file's row records, as mapped
         self._tensor: torch.Tensor | None = records[:, : self.row_bytes].view(self.dtype)  # (R, dim)
         self._checksums: torch.Tensor | None = None
-        self._probe_residency = hasattr(os, "RWF_NOWAIT")  # cleared if the filesystem refuses the probe
+        self._address = array.ctypes.data - DATA_OFFSET  # of the mapping's first byte, for the residency probe
+        self._probe_residency = _MINCORE is not None  # cleared if mincore refuses the mapping
         if self.row_checksum is not None:
             self._checksums = records[:, self._checksum_at : self._checksum_at + CHECKSUM_BYTES].view(torch.int32)[:, 0]
 
@@ -547,11 +565,10 @@ class TableFile:
         them in the page cache, or waits for a page already on its way.
 
         Each call costs a system call per run even when the pages are cached, so with
-        ``check_resident`` it first reads one byte of each of ``RESIDENCY_SAMPLES`` of the rows,
-        spread evenly over them, with ``RWF_NOWAIT`` (which fails rather than read from the disk) and
-        skips the advice if every sampled page is in the page cache: a read with a few pages missing
-        then takes a few faults, one that misses a sizeable share of them is advised. Where the probe
-        is not supported (not Linux, or a filesystem without ``RWF_NOWAIT`` reads) every call advises.
+        ``check_resident`` it first asks whether the first pages of ``RESIDENCY_SAMPLES`` of the rows,
+        spread evenly over them, are in the page cache (``looks_cached``) and skips the advice if every
+        sampled page is: a read with a few pages missing then takes a few faults, one that misses a
+        sizeable share of them is advised. Where the probe is not supported every call advises.
         """
         if self._tensor is None:
             raise TableFileError(f"{self.path} is closed")
@@ -567,19 +584,29 @@ class TableFile:
 
     def looks_cached(self, rows: torch.Tensor) -> bool:
         """Whether the first page of each of ``RESIDENCY_SAMPLES`` of ``rows`` (any shape), spread evenly over them,
-        is in the page cache: one non-blocking one-byte read each (False when that probe is not supported here)."""
+        is in the page cache: one ``mincore`` call each (False where that probe is not supported).
+
+        ``mincore`` reads nothing. A page of a sparse file that was never written (a hole: a fresh
+        optimizer-state file is all holes) is not in the page cache until something reads it; it is
+        then a page of zeros that the first touch through the mapping faults in without the disk, one
+        fault at a time, so it counts as missing, and advising it fills it in ahead. (A non-blocking
+        read, the other way to ask, reads a hole as if cached.) On Linux, ``mincore`` reports the
+        page cache for files the process owns or may write; for others it sees only the pages this
+        process has touched, so such a table is advised more often than it needs.
+        """
+        if self._tensor is None:
+            raise TableFileError(f"{self.path} is closed")
         flat = rows.reshape(-1)
         if flat.numel() == 0 or not self._probe_residency:
             return flat.numel() == 0
         picks = flat[torch.linspace(0, flat.numel() - 1, min(RESIDENCY_SAMPLES, flat.numel())).long()]
-        fd, probe = self._file.fileno(), bytearray(1)
+        status = ctypes.c_ubyte()
         for row in picks.tolist():
-            try:
-                os.preadv(fd, [probe], DATA_OFFSET + row * self.record_bytes, os.RWF_NOWAIT)
-            except BlockingIOError:  # EAGAIN: on disk
-                return False
-            except OSError:  # EOPNOTSUPP, EINVAL: no non-blocking buffered reads on this filesystem
+            page = (DATA_OFFSET + row * self.record_bytes) // PAGE_BYTES * PAGE_BYTES
+            if _MINCORE(self._address + page, 1, ctypes.byref(status)) != 0:  # ENOMEM, EINVAL: no probe here
                 self._probe_residency = False
+                return False
+            if not status.value & 1:
                 return False
         return True
 
