@@ -12,7 +12,7 @@ import torch
 
 from engram.storage import DiskTable, HostTable
 from engram.storage import table_file as table_file_module
-from engram.storage.prefetch import PendingRows
+from engram.storage.prefetch import PendingRows, run_after_fetches, wait_for_background
 from engram.storage.table_file import DATA_OFFSET, RowChecksumError, TableFile, page_runs
 
 WAIT_S = 20.0  # generous: a timeout here means a fetch never started, not that the machine was slow
@@ -195,27 +195,64 @@ def test_queues_given_explicitly_keep_their_order_across_tables():
     assert order == [0, 1, 2, 3]
 
 
-def test_a_training_table_advises_its_optimizer_state_pages_with_the_fetch(tmp_path, monkeypatch):
+def test_waiting_for_a_queue_waits_for_the_tasks_its_tasks_queue_too():
+    key, started, gate, done = object(), threading.Event(), threading.Event(), []
+
+    def inner():
+        if not gate.wait(WAIT_S):
+            raise TimeoutError("the gate of the inner task never opened")
+        done.append("inner")
+
+    def outer():
+        started.set()
+        time.sleep(0.2)  # still running when the wait below begins
+        run_after_fetches(key, inner)  # as a disk table's fetch queues its state advice
+        done.append("outer")
+
+    run_after_fetches(key, outer)
+    assert started.wait(WAIT_S)
+    opener = threading.Timer(0.5, gate.set)
+    opener.start()
+    wait_for_background(key)
+    assert done == ["outer", "inner"]
+    opener.join()
+
+
+def test_a_training_table_advises_its_optimizer_state_pages_after_the_fetch(tmp_path, monkeypatch):
+    """The state advice is a task behind the fetch: the rows are served while it waits, and closing the
+    table waits for it."""
     table = DiskTable(tmp_path / "t", 50_000, 8, init_std=0.1, seed=0, write_buffer_bytes=1 << 20)
     table.row_state("exp_avg", (8,), torch.float32)
     table.row_state("row_step", (), torch.int64)
     rows = torch.arange(0, 50_000, 250)
     table.write_state("exp_avg", rows[:10], torch.ones(10, 8))  # buffered: not read from the files later
     advised: list[tuple[str, list[int]]] = []
+    gate = threading.Event()
     will_need = TableFile.will_need
 
     def recorded(self, r, **kw):
+        if self.path.name != "weight.table" and not gate.wait(WAIT_S):
+            raise TimeoutError("the gate of the state advice never opened")
         advised.append((self.path.name, r.tolist()))
         return will_need(self, r, **kw)
 
     monkeypatch.setattr(TableFile, "will_need", recorded)
     table.eval()
     table.fetch(rows)
+    wait_for_background(table)
     assert [name for name, _ in advised] == ["weight.table"]  # inference: the optimizer state is not needed
     advised.clear()
     table.train()
-    fetched = table.fetch(rows)
+    fetched = table.prefetch(rows).result(rows)  # served while the state advice waits behind the fetch
     assert torch.equal(fetched.values, table.read_rows(rows))
+    assert all(name == "weight.table" for name, _ in advised)  # no state file yet
+    log: list[str] = []
+    closing = threading.Thread(target=lambda: (table.close(), log.append("closed")))
+    closing.start()
+    time.sleep(0.3)
+    log.append("gate opened")
+    gate.set()
+    closing.join(WAIT_S)
+    assert log == ["gate opened", "closed"]  # close waited for the advice
     state = {name: r for name, r in advised if name != "weight.table"}
     assert state == {"exp_avg.table": rows[10:].tolist(), "row_step.table": rows[10:].tolist()}
-    table.close()

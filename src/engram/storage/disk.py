@@ -239,19 +239,22 @@ class DiskTable(OffloadedTable, Durable):
         return values if out is None else out.copy_(values)
 
     def fetch(self, indices: torch.Tensor) -> FetchedRows:
-        """``OffloadedTable.fetch``; in training mode it also starts reading the rows' optimizer-state pages.
+        """``OffloadedTable.fetch``; in training mode it also queues the reading of the rows' optimizer-state pages.
 
         A table in training mode fetches the rows its optimizer will update: their state rows will be
         read from the files at the optimizer step (those not in the write-back buffer). Advising their
-        pages now (``TableFile.will_need``) lets the disk read them while the model computes, instead
-        of one page fault after another in the optimizer step.
+        pages (``TableFile.will_need``) lets the disk read them while the model computes, instead of
+        one page fault after another in the optimizer step. The advice is a task of its own, run in the
+        background right after this fetch (``run_after_fetches``), so that whoever waits for the rows
+        does not wait for it too: advising pages that no disk holds (the holes of a fresh state file)
+        fills them in with zeros there and then.
         """
         fetched = super().fetch(indices)
         if self.training and self._state_files:
             rows = fetched.rows if self._buffer is None else fetched.rows[~self._buffer.resident(fetched.rows)]
             if rows.numel() >= ADVISE_MIN_ROWS:
-                for state_file in self._state_files.values():
-                    state_file.will_need(rows)
+                state_files = list(self._state_files.values())
+                run_after_fetches(self, lambda: [state_file.will_need(rows) for state_file in state_files])
         return fetched
 
     @property

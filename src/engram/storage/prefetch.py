@@ -82,10 +82,15 @@ class _SerialQueues:
                     del self._last[key]
 
     def wait(self, key: Hashable | None = None) -> None:
-        """Block until the tasks of ``key`` (None: of every key) submitted so far have run."""
-        with self._lock:
-            last = list(self._last.values()) if key is None else [self._last[key]] if key in self._last else []
-        wait(last)
+        """Block until the tasks of ``key`` (None: of every key) submitted so far have run, and those that
+        they submitted (a disk table's fetch queues the advice of its optimizer-state pages)."""
+        while True:
+            with self._lock:
+                last = list(self._last.values()) if key is None else [self._last[key]] if key in self._last else []
+            pending = [future for future in last if not future.done()]  # a task submits before it is done
+            if not pending:
+                return
+            wait(pending)
 
 
 _queues = _SerialQueues()
@@ -100,7 +105,8 @@ def run_after_fetches(key: Hashable, task: Callable[[], object]) -> Future:
 
 
 def wait_for_background(key: Hashable | None = None) -> None:
-    """Block until every fetch and task queued under ``key`` (None: any key) so far has finished.
+    """Block until every fetch and task queued under ``key`` (None: any key) so far has finished, and every
+    task that those queued.
 
     Errors stay with their futures (a fetch's reaches the layer through ``PendingRows.result``).
     """
