@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import sys
 import threading
@@ -16,7 +15,7 @@ from engram.model import EngramLM
 from engram.storage import DiskTable
 from engram.storage import table_file as table_file_module
 from engram.storage.prefetch import run_after_fetches, wait_for_background
-from engram.storage.table_file import PAGE_BYTES, TableFile
+from engram.storage.table_file import TableFile
 from engram.training import Trainer, seed_everything
 from tests.corpus import sonnets_tokens
 from tests.test_tiers import _model, _same_weights
@@ -26,19 +25,9 @@ WAIT_S = 20.0  # generous: the kernel reads a few hundred pages in milliseconds
 
 
 def resident(table_file: TableFile, rows: list[int]) -> list[bool]:
-    """Whether the page holding the start of each row's record is in the page cache, by ``mincore`` on the
-    table's mapping (a probe by reading, even non-blocking, may start reading the page it asks about)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    first = table_file.tensor.data_ptr()  # the first row's record, DATA_OFFSET bytes into the mapping
-    vec = ctypes.create_string_buffer(1)
-    found = []
-    for row in rows:
-        page = (first + row * table_file.record_bytes) // PAGE_BYTES * PAGE_BYTES
-        if libc.mincore(page, PAGE_BYTES, vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        found.append(bool(vec.raw[0] & 1))
-    return found
+    """Whether the page holding the start of each row's record is in the page cache (``mincore``, which reads
+    nothing: a probe by reading, even non-blocking, may start reading the page it asks about)."""
+    return table_file.pages_cached(torch.tensor(rows, dtype=torch.long))
 
 
 def evicted_table(tmp_path, **options) -> DiskTable:

@@ -254,7 +254,12 @@ class DiskTable(OffloadedTable, Durable):
             rows = fetched.rows if self._buffer is None else fetched.rows[~self._buffer.resident(fetched.rows)]
             if rows.numel() >= ADVISE_MIN_ROWS:
                 state_files = list(self._state_files.values())
-                run_after_fetches(self, lambda: [state_file.will_need(rows) for state_file in state_files])
+
+                def advise_state() -> None:
+                    for state_file in state_files:
+                        state_file.will_need(rows)
+
+                run_after_fetches(self, advise_state)
         return fetched
 
     @property

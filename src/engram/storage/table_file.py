@@ -583,8 +583,15 @@ class TableFile:
         return True
 
     def looks_cached(self, rows: torch.Tensor) -> bool:
-        """Whether the first page of each of ``RESIDENCY_SAMPLES`` of ``rows`` (any shape), spread evenly over them,
-        is in the page cache: one ``mincore`` call each (False where that probe is not supported).
+        """Whether the pages of ``RESIDENCY_SAMPLES`` of ``rows`` (any shape), spread evenly over them, are all in
+        the page cache (``pages_cached``; False where that probe is not supported)."""
+        flat = rows.reshape(-1)
+        picks = flat[torch.linspace(0, flat.numel() - 1, min(RESIDENCY_SAMPLES, flat.numel())).long()]
+        return all(self.pages_cached(picks))
+
+    def pages_cached(self, rows: torch.Tensor) -> list[bool]:
+        """For each of ``rows`` (any shape, flattened), whether the page holding the start of its record is in the
+        page cache: one ``mincore`` call each (all False where that probe is not supported).
 
         ``mincore`` reads nothing. A page of a sparse file that was never written (a hole: a fresh
         optimizer-state file is all holes) is not in the page cache until something reads it; it is
@@ -596,19 +603,17 @@ class TableFile:
         """
         if self._tensor is None:
             raise TableFileError(f"{self.path} is closed")
-        flat = rows.reshape(-1)
-        if flat.numel() == 0 or not self._probe_residency:
-            return flat.numel() == 0
-        picks = flat[torch.linspace(0, flat.numel() - 1, min(RESIDENCY_SAMPLES, flat.numel())).long()]
-        status = ctypes.c_ubyte()
-        for row in picks.tolist():
+        ids = rows.reshape(-1).tolist()
+        if not self._probe_residency:
+            return [False] * len(ids)
+        status, found = ctypes.c_ubyte(), []
+        for row in ids:
             page = (DATA_OFFSET + row * self.record_bytes) // PAGE_BYTES * PAGE_BYTES
             if _MINCORE(self._address + page, 1, ctypes.byref(status)) != 0:  # ENOMEM, EINVAL: no probe here
                 self._probe_residency = False
-                return False
-            if not status.value & 1:
-                return False
-        return True
+                return [False] * len(ids)
+            found.append(bool(status.value & 1))
+        return found
 
     def write_rows(self, rows: torch.Tensor, values: torch.Tensor) -> None:
         """Write rows (U,) (distinct, any order) with values (U, dim), and their checksums.
